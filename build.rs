@@ -1,0 +1,15 @@
+//! Compiles `proto/` with protox (a pure-Rust protobuf compiler, so building keygate needs no
+//! `protoc` on the machine) and writes the file-descriptor set that server reflection serves.
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/keygate/v1/keygate.proto";
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile([proto], ["proto"])?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("keygate_descriptor.bin"))
+        .compile_fds(descriptors)?;
+    Ok(())
+}

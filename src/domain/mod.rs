@@ -1,0 +1,9 @@
+//! Pure domain logic: no tonic, no sqlx, no I/O. Header parsing, the key format, hashing, the
+//! records and the pieces of the authorization decision.
+
+pub mod credentials;
+pub mod decision;
+pub mod hashing;
+pub mod key;
+pub mod model;
+pub mod validation;

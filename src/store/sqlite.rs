@@ -1,0 +1,225 @@
+//! The embedded store: one SQLite file, WAL mode, for a single keygate process. Same schema
+//! guarantees as Postgres; no change feed, because no other process shares the file.
+
+use std::{str::FromStr, time::Duration};
+
+use chrono::{DateTime, Utc};
+use sqlx::{
+    SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+use tokio::sync::mpsc;
+
+use super::{KeyRow, NewKey, Store, StoreChange, StoreError, UserRow};
+use crate::domain::model::{AuthMode, KeyRecord, UserRecord};
+
+const KEY_COLUMNS: &str =
+    "id, name, secret_hash, created_at, expires_at, enabled, last_used_at, created_by";
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    description: String,
+}
+
+impl SqliteStore {
+    /// Opens (creating it if missing) the database file a `sqlite:` URL names.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Internal(format!("invalid database URL: {e}")))?
+            .create_if_missing(true)
+            // WAL lets Authorize reads proceed while KeyAdmin writes; concurrent writers queue
+            // on the busy timeout instead of failing with SQLITE_BUSY.
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let description = options.get_filename().display().to_string();
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool, description })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    fn describe(&self) -> String {
+        format!("sqlite ({})", self.description)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/sqlite")
+            .run(&self.pool)
+            .await
+            .map_err(super::migrate_error)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_key(&self, key: NewKey) -> Result<KeyRecord, StoreError> {
+        // The insert comes first, so this transaction takes SQLite's write lock at its first
+        // statement and concurrent creators queue instead of deadlocking on a lock upgrade.
+        let mut tx = self.pool.begin().await?;
+        let row: KeyRow = sqlx::query_as(&format!(
+            "INSERT INTO api_keys (name, secret_hash, created_at, expires_at, enabled, created_by)
+             VALUES (?1, ?2, ?3, ?4, TRUE, ?5) RETURNING {KEY_COLUMNS}"
+        ))
+        .bind(&key.name)
+        .bind(&key.secret_hash)
+        .bind(key.created_at)
+        .bind(key.expires_at)
+        .bind(&key.created_by)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE auth_mode SET api_keys_enabled = TRUE, locked_at = ?1 WHERE NOT api_keys_enabled",
+        )
+        .bind(key.created_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(row.into())
+    }
+
+    async fn get_key(&self, id: i64) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<KeyRow> =
+            sqlx::query_as(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(Into::into))
+    }
+
+    async fn get_keys(&self, ids: &[i64]) -> Result<Vec<KeyRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // SQLite has no arrays; ids are integers we produced, but bind them anyway.
+        let placeholders = vec!["?"; ids.len()].join(",");
+        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id IN ({placeholders})");
+        let mut query = sqlx::query_as::<_, KeyRow>(&sql);
+        for id in ids {
+            query = query.bind(id);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn list_keys(&self, after_id: i64, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows: Vec<KeyRow> = sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE id > ?1 ORDER BY id LIMIT ?2"
+        ))
+        .bind(after_id)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn set_key_enabled(
+        &self,
+        id: i64,
+        enabled: bool,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as(&format!(
+            "UPDATE api_keys SET enabled = ?2 WHERE id = ?1 RETURNING {KEY_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(enabled)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Into::into))
+    }
+
+    async fn delete_key(&self, id: i64) -> Result<bool, StoreError> {
+        let result = sqlx::query("DELETE FROM api_keys WHERE id = ?1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn record_key_usage(&self, uses: &[(i64, DateTime<Utc>)]) -> Result<(), StoreError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (id, used_at) in uses {
+            // Timestamps are stored in one fixed-width RFC 3339 format, so text order is time
+            // order and MAX keeps the newest.
+            sqlx::query(
+                "UPDATE api_keys SET last_used_at = ?2
+                 WHERE id = ?1 AND (last_used_at IS NULL OR last_used_at < ?2)",
+            )
+            .bind(id)
+            .bind(used_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn auth_mode(&self) -> Result<AuthMode, StoreError> {
+        let (api_keys_enabled, locked_at): (bool, Option<DateTime<Utc>>) =
+            sqlx::query_as("SELECT api_keys_enabled, locked_at FROM auth_mode")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(AuthMode {
+            api_keys_enabled,
+            locked_at,
+        })
+    }
+
+    async fn find_user(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
+        let row: Option<UserRow> =
+            sqlx::query_as("SELECT username, password_hash, active FROM users WHERE username = ?1")
+                .bind(username)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(Into::into))
+    }
+
+    async fn create_user(&self, username: &str, password_hash: &str) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO users (username, password_hash) VALUES (?1, ?2)")
+            .bind(username)
+            .bind(password_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_user_password(
+        &self,
+        username: &str,
+        password_hash: &str,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query("UPDATE users SET password_hash = ?2 WHERE username = ?1")
+            .bind(username)
+            .bind(password_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn count_users(&self) -> Result<i64, StoreError> {
+        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM users")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count)
+    }
+
+    async fn subscribe(&self) -> Option<mpsc::Receiver<StoreChange>> {
+        None
+    }
+}
