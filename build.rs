@@ -3,13 +3,18 @@
 
 use std::{env, path::PathBuf};
 
+use prost::Message;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/keygate/v1/keygate.proto";
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile([proto], ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out_dir.join("keygate_descriptor.bin"))
-        .compile_fds(descriptors)?;
+    // compile_fds does not write the descriptor set itself; reflection needs it.
+    std::fs::write(
+        out_dir.join("keygate_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
     Ok(())
 }

@@ -99,6 +99,19 @@ fn parse_basic(encoded: &str) -> Result<Credentials, CredentialsError> {
     })
 }
 
+/// The client address a gateway reports (`10.0.0.1`, `10.0.0.1:4242`, `[::1]:4242`, `::1`), or
+/// `None` when it is absent or unreadable: the rate limiter then files the request under "no
+/// address" rather than failing it.
+pub fn parse_client_address(text: &str) -> Option<std::net::IpAddr> {
+    let text = text.trim();
+    if let Ok(ip) = text.parse() {
+        return Some(ip);
+    }
+    text.parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|addr| addr.ip())
+}
+
 fn is_http_whitespace(c: char) -> bool {
     c == ' ' || c == '\t'
 }
@@ -207,6 +220,19 @@ mod tests {
     fn debug_redacts_the_secret() {
         let creds = parse(&basic("admin:hunter2")).unwrap();
         assert!(!format!("{creds:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn client_addresses() {
+        use std::net::IpAddr;
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        let v6: IpAddr = "::1".parse().unwrap();
+        assert_eq!(parse_client_address("10.0.0.1"), Some(v4));
+        assert_eq!(parse_client_address("10.0.0.1:4242"), Some(v4));
+        assert_eq!(parse_client_address("[::1]:4242"), Some(v6));
+        assert_eq!(parse_client_address("::1"), Some(v6));
+        assert_eq!(parse_client_address(""), None);
+        assert_eq!(parse_client_address("example.com"), None);
     }
 
     proptest! {

@@ -1,0 +1,294 @@
+//! The one place that decides allow or deny (SPEC section 3), shared by every transport: the
+//! `Authorizer` RPC and Envoy's `Check` are thin adapters around `Authorizer::decide`.
+
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use chrono::Utc;
+
+use crate::{
+    argon_pool::Overloaded,
+    cache::{CachedKey, CredentialCache},
+    domain::{
+        credentials::{CredentialsError, parse_authorization},
+        decision::{Decision, DenyReason, Principal, check_key_state},
+        key::{KeyPrefix, parse_key},
+    },
+    metrics::{Metrics, Transport},
+    store::{DynStore, StoreError},
+    usage::UsageRecorder,
+};
+
+/// The decision could not be made: the gateway's own failure policy applies (an error, never a
+/// deny and never an allow).
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    #[error("the key store is unavailable")]
+    StoreUnavailable(#[source] StoreError),
+    #[error("keygate is overloaded: too many argon2 verifications queued")]
+    Overloaded,
+}
+
+impl From<StoreError> for DecideError {
+    fn from(error: StoreError) -> Self {
+        Self::StoreUnavailable(error)
+    }
+}
+
+impl From<Overloaded> for DecideError {
+    fn from(_: Overloaded) -> Self {
+        Self::Overloaded
+    }
+}
+
+pub struct Authorizer {
+    store: DynStore,
+    cache: Arc<CredentialCache>,
+    limiter: crate::rate_limit::FailureLimiter,
+    prefix: KeyPrefix,
+    /// Once the store has said the lockout flag is set, it is set forever: no need to ask again.
+    api_keys_enabled: AtomicBool,
+    usage: Arc<UsageRecorder>,
+    metrics: Arc<Metrics>,
+}
+
+impl Authorizer {
+    pub fn new(
+        store: DynStore,
+        cache: Arc<CredentialCache>,
+        limiter: crate::rate_limit::FailureLimiter,
+        prefix: KeyPrefix,
+        usage: Arc<UsageRecorder>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            store,
+            cache,
+            limiter,
+            prefix,
+            api_keys_enabled: AtomicBool::new(false),
+            usage,
+            metrics,
+        }
+    }
+
+    /// Decides one request from its raw `Authorization` header value and client address, and
+    /// records the outcome in the metrics and the log (reason only, never the credential).
+    pub async fn authorize(
+        &self,
+        transport: Transport,
+        header: Option<&[u8]>,
+        client: Option<IpAddr>,
+    ) -> Result<Decision, DecideError> {
+        let started = Instant::now();
+        let result = self.decide(header, client).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        match &result {
+            Ok(decision) => {
+                self.metrics.record_decision(transport, decision, elapsed);
+                match decision {
+                    Decision::Allow(principal) => {
+                        tracing::debug!(?transport, ?client, ?principal, "allowed")
+                    }
+                    Decision::Deny { reason, .. } => {
+                        tracing::info!(?transport, ?client, reason = reason.as_str(), "denied")
+                    }
+                }
+            }
+            Err(error) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(?transport, ?client, %error, "no decision")
+            }
+        }
+        result
+    }
+
+    async fn decide(
+        &self,
+        header: Option<&[u8]>,
+        client: Option<IpAddr>,
+    ) -> Result<Decision, DecideError> {
+        // Steps 1 and 2: the header itself.
+        let credentials = match parse_authorization(header) {
+            Ok(credentials) => credentials,
+            Err(CredentialsError::Missing) => {
+                return Ok(Decision::deny(DenyReason::MissingCredentials));
+            }
+            Err(CredentialsError::Malformed(_)) => {
+                return Ok(Decision::deny(DenyReason::MalformedCredentials));
+            }
+        };
+        // Step 3: before the lockout, operators' username/password pairs.
+        if !self.api_keys_enabled().await? {
+            let Some(username) = credentials.username.as_deref() else {
+                // A bearer token carries no username/password pair.
+                return Ok(Decision::deny(DenyReason::InvalidCredentials));
+            };
+            return self
+                .decide_user(username, &credentials.secret, client)
+                .await;
+        }
+        // Step 4: API keys only.
+        self.decide_key(&credentials.secret, client).await
+    }
+
+    async fn decide_key(
+        &self,
+        presented: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Decision, DecideError> {
+        // Wrong shape or checksum: no store lookup, no argon2.
+        let Ok(parsed) = parse_key(&self.prefix, presented) else {
+            return Ok(Decision::deny(DenyReason::InvalidCredentials));
+        };
+        loop {
+            let generation = self.cache.generation();
+            let entry = self.key_entry(parsed.id).await?;
+            let CachedKey::Known(key) = &*entry else {
+                return Ok(Decision::deny(DenyReason::InvalidCredentials));
+            };
+            let now = Utc::now();
+            // Expired and disabled are decided before any argon2 work.
+            if let Err(reason) = check_key_state(key.record.expires_at, key.record.enabled, now) {
+                return Ok(Decision::deny(reason));
+            }
+            let fingerprint = self.cache.fingerprint(&key.secret, parsed.random);
+            if !self.cache.is_verified(&key.secret, &fingerprint) {
+                // Step 5: only uncached verification work is rate limited.
+                if let Some(decision) = self.rate_limited(client) {
+                    return Ok(decision);
+                }
+                let matched = self
+                    .cache
+                    .verify(&key.secret, parsed.random, fingerprint)
+                    .await?;
+                if !matched {
+                    self.limiter.record_failure(client);
+                    return Ok(Decision::deny(DenyReason::InvalidCredentials));
+                }
+                // The key may have been disabled or deleted while argon2 ran; decide on its
+                // current state rather than on what it was when this request arrived.
+                if self.cache.generation() != generation {
+                    continue;
+                }
+            }
+            if key.should_record_use(now.timestamp(), crate::usage::RECORD_INTERVAL_SECS) {
+                self.usage.record(key.record.id, now);
+            }
+            return Ok(Decision::Allow(Principal::Key {
+                id: key.record.id,
+                name: key.record.name.clone(),
+            }));
+        }
+    }
+
+    async fn decide_user(
+        &self,
+        username: &str,
+        password: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Decision, DecideError> {
+        let verified = verify_user(&self.store, &self.cache, username, password, || {
+            self.rate_limited(client)
+        })
+        .await?;
+        Ok(match verified {
+            UserCheck::Valid => Decision::Allow(Principal::User {
+                username: username.to_owned(),
+            }),
+            UserCheck::Invalid => {
+                self.limiter.record_failure(client);
+                Decision::deny(DenyReason::InvalidCredentials)
+            }
+            UserCheck::Refused(decision) => decision,
+        })
+    }
+
+    fn rate_limited(&self, client: Option<IpAddr>) -> Option<Decision> {
+        self.limiter
+            .check(client)
+            .map(|retry_after| Decision::Deny {
+                reason: DenyReason::RateLimited,
+                retry_after_secs: Some(retry_after.as_secs_f64().ceil() as u64),
+            })
+    }
+
+    async fn key_entry(&self, id: i64) -> Result<Arc<CachedKey>, DecideError> {
+        if let Some(entry) = self.cache.key(id) {
+            return Ok(entry);
+        }
+        let read_at = self.cache.generation();
+        let record = self.store.get_key(id).await?;
+        let entry = Arc::new(CachedKey::from(record));
+        self.cache.insert_key(id, entry.clone(), read_at);
+        Ok(entry)
+    }
+
+    async fn api_keys_enabled(&self) -> Result<bool, DecideError> {
+        if self.api_keys_enabled.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        let mode = self.store.auth_mode().await?;
+        if mode.api_keys_enabled {
+            self.note_lockout();
+        }
+        Ok(mode.api_keys_enabled)
+    }
+
+    /// Called when this process created the first key or heard that another did.
+    pub fn note_lockout(&self) {
+        self.api_keys_enabled.store(true, Ordering::Release);
+    }
+}
+
+/// The outcome of checking a username/password pair.
+pub enum UserCheck {
+    Valid,
+    Invalid,
+    /// The caller's gate refused to pay for argon2 (rate limiting).
+    Refused(Decision),
+}
+
+/// Checks an operator's username and password: from the cache when this exact pair was verified
+/// before, otherwise with argon2, after asking `gate` whether that work may be done. Unknown and
+/// inactive users cost a dummy argon2 run, so timing does not tell them apart.
+pub async fn verify_user(
+    store: &DynStore,
+    cache: &CredentialCache,
+    username: &str,
+    password: &str,
+    gate: impl FnOnce() -> Option<Decision>,
+) -> Result<UserCheck, DecideError> {
+    let entry = match cache.user(username) {
+        Some(entry) => entry,
+        None => {
+            let record = store.find_user(username).await?;
+            cache.insert_user(username, record)
+        }
+    };
+    let active = entry.record.as_ref().is_some_and(|user| user.active);
+    let fingerprint = cache.fingerprint(&entry.secret, password);
+    if active && cache.is_verified(&entry.secret, &fingerprint) {
+        return Ok(UserCheck::Valid);
+    }
+    if let Some(decision) = gate() {
+        return Ok(UserCheck::Refused(decision));
+    }
+    if !active {
+        cache.burn_dummy_verify(password).await?;
+        return Ok(UserCheck::Invalid);
+    }
+    Ok(
+        if cache.verify(&entry.secret, password, fingerprint).await? {
+            UserCheck::Valid
+        } else {
+            UserCheck::Invalid
+        },
+    )
+}

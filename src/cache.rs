@@ -1,0 +1,301 @@
+//! The verified-credential cache: what makes the hot path cost microseconds instead of an
+//! argon2 run.
+//!
+//! After one successful argon2 verify, a presented secret is recognised by its fingerprint, an
+//! HMAC-SHA256 under a per-process random key of (stored hash, presented secret), compared in
+//! constant time. Metadata (enabled, expiry, name) is cached beside it and re-checked on every
+//! request; it is dropped on every change this process makes, on every change notification
+//! from the store, and re-validated periodically in case a notification was missed.
+
+use std::{
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hmac::{Hmac, Mac};
+use moka::Expiry;
+use rand::{TryRngCore, rngs::OsRng};
+use secrecy::SecretString;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use crate::{
+    argon_pool::{ArgonPool, Overloaded},
+    domain::model::{KeyRecord, UserRecord},
+    metrics::Metrics,
+};
+
+/// HMAC-SHA256 output identifying one (stored hash, presented secret) pair.
+pub type Fingerprint = [u8; 32];
+
+/// How long an unknown key id is remembered as unknown. Short: an id that becomes valid is
+/// announced by a change notification anyway, this only bounds a missed one.
+const UNKNOWN_KEY_TTL: Duration = Duration::from_secs(5);
+/// How long a wrong secret is remembered as wrong, so repeating it costs no argon2.
+const REJECTED_SECRET_TTL: Duration = Duration::from_secs(60);
+/// How long a verified secret's verdict is kept beside the per-entry copy (it only has to
+/// outlive concurrent waiters; the entry keeps its own copy).
+const ACCEPTED_SECRET_TTL: Duration = Duration::from_secs(600);
+/// Users have no change feed of their own; this bounds how long a password change or
+/// deactivation made by `keygate user passwd` in another process takes to apply.
+pub const USER_TTL: Duration = Duration::from_secs(30);
+
+/// A stored argon2 hash and, once a presented secret has matched it, that secret's fingerprint.
+/// Only one secret can match a hash, so the slot is written at most once.
+pub struct HashedSecret {
+    pub phc: String,
+    verified: OnceLock<Fingerprint>,
+}
+
+impl HashedSecret {
+    pub fn new(phc: String) -> Self {
+        Self {
+            phc,
+            verified: OnceLock::new(),
+        }
+    }
+
+    fn is_verified(&self, fingerprint: &Fingerprint) -> bool {
+        self.verified
+            .get()
+            .is_some_and(|known| bool::from(known.ct_eq(fingerprint)))
+    }
+}
+
+/// What the cache knows about a key id.
+pub enum CachedKey {
+    /// The store has no such key.
+    Unknown,
+    Known(KnownKey),
+}
+
+pub struct KnownKey {
+    pub record: KeyRecord,
+    pub secret: HashedSecret,
+    /// Unix seconds of the last use queued for `last_used_at`, to queue at most one a minute.
+    last_use_queued: AtomicI64,
+}
+
+impl KnownKey {
+    /// Returns true when this use should be written to `last_used_at` (the first use, then at
+    /// most once per `interval_secs`).
+    pub fn should_record_use(&self, now_secs: i64, interval_secs: i64) -> bool {
+        let previous = self.last_use_queued.load(Ordering::Relaxed);
+        now_secs - previous >= interval_secs
+            && self
+                .last_use_queued
+                .compare_exchange(previous, now_secs, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+impl From<Option<KeyRecord>> for CachedKey {
+    fn from(record: Option<KeyRecord>) -> Self {
+        match record {
+            None => Self::Unknown,
+            Some(record) => Self::Known(KnownKey {
+                secret: HashedSecret::new(record.secret_hash.clone()),
+                record,
+                last_use_queued: AtomicI64::new(i64::MIN / 2),
+            }),
+        }
+    }
+}
+
+/// A user as cached: the record (or none) and the verified password, if any.
+pub struct CachedUser {
+    pub record: Option<UserRecord>,
+    pub secret: HashedSecret,
+}
+
+struct KeyExpiry;
+
+impl Expiry<i64, Arc<CachedKey>> for KeyExpiry {
+    fn expire_after_create(&self, _: &i64, value: &Arc<CachedKey>, _: Instant) -> Option<Duration> {
+        match **value {
+            CachedKey::Unknown => Some(UNKNOWN_KEY_TTL),
+            // Known keys stay until evicted by size, invalidated by a change, or replaced by
+            // re-validation: never by time, so an outage of the store does not take good keys
+            // with it.
+            CachedKey::Known(_) => None,
+        }
+    }
+}
+
+struct VerdictExpiry;
+
+impl Expiry<Fingerprint, bool> for VerdictExpiry {
+    fn expire_after_create(
+        &self,
+        _: &Fingerprint,
+        accepted: &bool,
+        _: Instant,
+    ) -> Option<Duration> {
+        Some(if *accepted {
+            ACCEPTED_SECRET_TTL
+        } else {
+            REJECTED_SECRET_TTL
+        })
+    }
+}
+
+pub struct CredentialCache {
+    keys: moka::sync::Cache<i64, Arc<CachedKey>>,
+    users: moka::sync::Cache<String, Arc<CachedUser>>,
+    /// argon2 verdicts by fingerprint: rejected secrets are remembered briefly, and concurrent
+    /// verifications of the same pair share one argon2 run (moka coalesces `try_get_with`).
+    verdicts: moka::future::Cache<Fingerprint, bool>,
+    /// Bumped before every invalidation; see `insert_key`.
+    generation: AtomicU64,
+    mac_key: [u8; 32],
+    dummy_hash: tokio::sync::OnceCell<String>,
+    argon: ArgonPool,
+    metrics: Arc<Metrics>,
+}
+
+impl CredentialCache {
+    pub fn new(capacity: u64, argon: ArgonPool, metrics: Arc<Metrics>) -> Self {
+        let mut mac_key = [0u8; 32];
+        OsRng
+            .try_fill_bytes(&mut mac_key)
+            .expect("the operating system's random source failed");
+        Self {
+            keys: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(KeyExpiry)
+                .build(),
+            users: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(USER_TTL)
+                .build(),
+            verdicts: moka::future::Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(VerdictExpiry)
+                .build(),
+            generation: AtomicU64::new(0),
+            mac_key,
+            dummy_hash: tokio::sync::OnceCell::new(),
+            argon,
+            metrics,
+        }
+    }
+
+    pub fn fingerprint(&self, secret: &HashedSecret, presented: &str) -> Fingerprint {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.mac_key)
+            .expect("HMAC accepts any key length");
+        mac.update(secret.phc.as_bytes());
+        mac.update(&[0]);
+        mac.update(presented.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// True when `fingerprint` was verified against this hash before: no argon2 needed.
+    pub fn is_verified(&self, secret: &HashedSecret, fingerprint: &Fingerprint) -> bool {
+        let hit = secret.is_verified(fingerprint);
+        if hit {
+            self.metrics.cache_hits.inc();
+        } else {
+            self.metrics.cache_misses.inc();
+        }
+        hit
+    }
+
+    /// Runs (or joins, or skips thanks to a remembered verdict) the argon2 verification of
+    /// `presented` against `secret`, and remembers a match in `secret`.
+    pub async fn verify(
+        &self,
+        secret: &HashedSecret,
+        presented: &str,
+        fingerprint: Fingerprint,
+    ) -> Result<bool, Overloaded> {
+        let phc = secret.phc.clone();
+        let presented = SecretString::from(presented.to_owned());
+        let argon = &self.argon;
+        let matched = self
+            .verdicts
+            .try_get_with(
+                fingerprint,
+                async move { argon.verify(phc, presented).await },
+            )
+            .await
+            .map_err(|shared: Arc<Overloaded>| *shared)?;
+        if matched {
+            let _ = secret.verified.set(fingerprint);
+        }
+        Ok(matched)
+    }
+
+    /// Runs argon2 against a hash nobody has, so that an unknown username costs the same time
+    /// as a known one with a wrong password.
+    pub async fn burn_dummy_verify(&self, presented: &str) -> Result<(), Overloaded> {
+        // A real hash with the configured parameters, made once, so the dummy costs exactly
+        // what a real verification costs.
+        let dummy = self
+            .dummy_hash
+            .get_or_try_init(|| {
+                self.argon
+                    .hash(SecretString::from("keygate dummy password".to_owned()))
+            })
+            .await?;
+        self.argon
+            .verify(dummy.clone(), SecretString::from(presented.to_owned()))
+            .await
+            .map(|_| ())
+    }
+
+    pub fn key(&self, id: i64) -> Option<Arc<CachedKey>> {
+        self.keys.get(&id)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Caches what the store said about `id`, read when the generation was `read_at`. If an
+    /// invalidation happened since, the read may predate the change it announced, so the entry
+    /// is dropped again rather than kept stale. (Insert first, check second: an invalidation
+    /// bumps the generation before it removes, so one of the two always catches the entry.)
+    pub fn insert_key(&self, id: i64, entry: Arc<CachedKey>, read_at: u64) {
+        self.keys.insert(id, entry);
+        if self.generation() != read_at {
+            self.keys.invalidate(&id);
+        }
+    }
+
+    pub fn invalidate_key(&self, id: i64) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.keys.invalidate(&id);
+    }
+
+    /// Ids of every cached known key, for re-validation.
+    pub fn cached_key_ids(&self) -> Vec<i64> {
+        self.keys
+            .iter()
+            .filter(|(_, entry)| matches!(**entry, CachedKey::Known(_)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub fn user(&self, username: &str) -> Option<Arc<CachedUser>> {
+        self.users.get(username)
+    }
+
+    pub fn insert_user(&self, username: &str, record: Option<UserRecord>) -> Arc<CachedUser> {
+        let secret = HashedSecret::new(
+            record
+                .as_ref()
+                .map(|user| user.password_hash.clone())
+                .unwrap_or_default(),
+        );
+        let entry = Arc::new(CachedUser { record, secret });
+        self.users.insert(username.to_owned(), entry.clone());
+        entry
+    }
+
+    pub fn invalidate_users(&self) {
+        self.users.invalidate_all();
+    }
+}

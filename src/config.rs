@@ -1,0 +1,254 @@
+//! Command line and environment: every setting is a flag with a matching `KEYGATE_*` variable.
+//! Values are parsed here, so a bad one is a clear start-up error, never a silent default.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use secrecy::SecretString;
+
+use crate::domain::{hashing::HashParams, key::KeyPrefix};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keygate",
+    version,
+    about = "API-key authorization for Envoy ext_authz and gRPC gateways",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `keygate` with no subcommand is `keygate serve`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (the default).
+    Serve(Box<ServeArgs>),
+    /// Manage operator accounts directly in the database.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// KeyAdmin client: manage API keys on a running keygate.
+    Keys(crate::cli::KeysArgs),
+    /// Exit 0 when the server at --addr reports SERVING over grpc.health.v1 (for containers).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user; the password is read from stdin (or prompted for on a terminal).
+    Add(UserArgs),
+    /// Change a user's password; read from stdin (or prompted for on a terminal).
+    Passwd(UserArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UserArgs {
+    pub name: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub hashing: HashingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// `postgres://…` or `sqlite://…`. Falls back to DATABASE_URL, then to
+    /// `sqlite://keygate.db` in --data-dir.
+    #[arg(long, env = "KEYGATE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Where the default SQLite database lives.
+    #[arg(long, env = "KEYGATE_DATA_DIR", default_value = ".")]
+    pub data_dir: PathBuf,
+}
+
+impl DatabaseArgs {
+    /// The URL to open: the flag or KEYGATE_DATABASE_URL, else DATABASE_URL, else the embedded
+    /// SQLite file.
+    pub fn resolved_url(&self) -> String {
+        self.database_url
+            .clone()
+            .filter(|url| !url.is_empty())
+            .or_else(|| {
+                std::env::var("DATABASE_URL")
+                    .ok()
+                    .filter(|url| !url.is_empty())
+            })
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("keygate.db").display()))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HashingArgs {
+    /// argon2id memory cost of new hashes, in KiB (OWASP minimum: 19456).
+    #[arg(long, env = "KEYGATE_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024, value_parser = clap::value_parser!(u32).range(8..))]
+    pub argon2_memory_kib: u32,
+    /// argon2id iterations of new hashes.
+    #[arg(long, env = "KEYGATE_ARGON2_ITERATIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub argon2_iterations: u32,
+    /// argon2id lanes of new hashes.
+    #[arg(long, env = "KEYGATE_ARGON2_PARALLELISM", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub argon2_parallelism: u32,
+}
+
+impl HashingArgs {
+    pub fn params(&self) -> HashParams {
+        HashParams {
+            memory_kib: self.argon2_memory_kib,
+            iterations: self.argon2_iterations,
+            parallelism: self.argon2_parallelism,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub hashing: HashingArgs,
+    /// Authorizer, Envoy Check, health and reflection.
+    #[arg(long, env = "KEYGATE_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// KeyAdmin, health and reflection.
+    #[arg(long, env = "KEYGATE_ADMIN_LISTEN", default_value = "127.0.0.1:50052")]
+    pub admin_listen: SocketAddr,
+    /// keygate's own Prometheus metrics, `GET /metrics`.
+    #[arg(long, env = "KEYGATE_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+    /// Created at start-up when the store has no user at all.
+    #[arg(long, env = "KEYGATE_ADMIN_USER", requires = "admin_password")]
+    pub admin_user: Option<String>,
+    #[arg(long, env = "KEYGATE_ADMIN_PASSWORD", hide_env_values = true, requires = "admin_user", value_parser = parse_secret)]
+    pub admin_password: Option<SecretString>,
+    /// Prefix of new API keys (and of the keys accepted).
+    #[arg(long, env = "KEYGATE_KEY_PREFIX", default_value = "uk", value_parser = KeyPrefix::parse)]
+    pub key_prefix: KeyPrefix,
+    /// Realm of the `WWW-Authenticate: Basic` challenge sent through Envoy.
+    #[arg(long, env = "KEYGATE_REALM", default_value = "keygate")]
+    pub realm: String,
+    /// Remove the Authorization header from requests Envoy lets through.
+    #[arg(long, env = "KEYGATE_STRIP_AUTHORIZATION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub strip_authorization: bool,
+    /// Threads that run argon2 (default: half the CPUs, at least one).
+    #[arg(long, env = "KEYGATE_ARGON2_WORKERS", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub argon2_workers: Option<u32>,
+    /// argon2 jobs allowed to wait; beyond this a request gets UNAVAILABLE instead of queueing.
+    #[arg(long, env = "KEYGATE_ARGON2_MAX_QUEUE", default_value_t = 1024)]
+    pub argon2_max_queue: usize,
+    /// Keys held in the verified-credential cache.
+    #[arg(long, env = "KEYGATE_CACHE_CAPACITY", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cache_capacity: u64,
+    /// Seconds between re-validations of every cached key against the store (bounds
+    /// staleness when a change notification is missed).
+    #[arg(long, env = "KEYGATE_REVALIDATE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub revalidate_secs: u64,
+    /// Failed verifications a client address may make in a burst before RATE_LIMITED.
+    #[arg(long, env = "KEYGATE_RATE_LIMIT_BURST", default_value_t = 20)]
+    pub rate_limit_burst: u32,
+    /// Failed verifications per minute a client address regains; 0 disables the limiter.
+    #[arg(long, env = "KEYGATE_RATE_LIMIT_PER_MINUTE", default_value_t = 30)]
+    pub rate_limit_per_minute: u32,
+    /// On SIGTERM, seconds to report NOT_SERVING before closing listeners, so load balancers
+    /// stop sending new requests first.
+    #[arg(long, env = "KEYGATE_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
+    pub shutdown_delay_secs: u64,
+    /// On SIGTERM, seconds in-flight RPCs get to finish.
+    #[arg(long, env = "KEYGATE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ServeArgs {
+    /// The defaults with only the process environment applied (tests start from this).
+    pub fn from_env() -> Self {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        Only::parse_from(["keygate"]).serve
+    }
+
+    pub fn revalidate_interval(&self) -> Duration {
+        Duration::from_secs(self.revalidate_secs)
+    }
+
+    pub fn argon2_workers(&self) -> usize {
+        self.argon2_workers.map(|n| n as usize).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| (n.get() / 2).max(1))
+                .unwrap_or(1)
+        })
+    }
+}
+
+fn parse_secret(value: &str) -> Result<SecretString, String> {
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(SecretString::from(value.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_are_errors() {
+        for args in [
+            vec!["keygate", "--listen", "nowhere"],
+            vec!["keygate", "--key-prefix", "a b"],
+            vec!["keygate", "--log-format", "xml"],
+            vec!["keygate", "--cache-capacity", "0"],
+            vec!["keygate", "--admin-user", "admin"],
+        ] {
+            assert!(Cli::try_parse_from(&args).is_err(), "{args:?} parsed");
+        }
+    }
+
+    #[test]
+    fn no_subcommand_means_serve_with_flags() {
+        let cli = Cli::try_parse_from(["keygate", "--listen", "127.0.0.1:1"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.listen.port(), 1);
+        let cli = Cli::try_parse_from(["keygate", "serve", "--realm", "r"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Serve(ref s)) if s.realm == "r"));
+    }
+
+    #[test]
+    fn debug_output_hides_the_admin_password() {
+        let cli = Cli::try_parse_from([
+            "keygate",
+            "--admin-user",
+            "admin",
+            "--admin-password",
+            "hunter2hunter2",
+        ])
+        .unwrap();
+        assert!(!format!("{cli:?}").contains("hunter2"));
+    }
+}

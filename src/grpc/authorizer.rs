@@ -1,0 +1,44 @@
+//! `keygate.v1.Authorizer`: the decision as an RPC, for gateways other than Envoy and for
+//! debugging ("why was this key denied?").
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    convert::authorize_response,
+    proto::{AuthorizeRequest, AuthorizeResponse, authorizer_server},
+};
+use crate::{
+    authorizer::Authorizer, domain::credentials::parse_client_address, metrics::Transport,
+};
+
+pub struct AuthorizerService {
+    authorizer: Arc<Authorizer>,
+}
+
+impl AuthorizerService {
+    pub fn new(authorizer: Arc<Authorizer>) -> Self {
+        Self { authorizer }
+    }
+}
+
+#[tonic::async_trait]
+impl authorizer_server::Authorizer for AuthorizerService {
+    async fn authorize(
+        &self,
+        request: Request<AuthorizeRequest>,
+    ) -> Result<Response<AuthorizeResponse>, Status> {
+        // Without a client address, the caller's own address keys the rate limiter.
+        let peer = request.remote_addr().map(|addr| addr.ip());
+        let request = request.into_inner();
+        let client = parse_client_address(&request.client_address).or(peer);
+        let header =
+            (!request.authorization.is_empty()).then_some(request.authorization.as_bytes());
+        let decision = self
+            .authorizer
+            .authorize(Transport::Authorize, header, client)
+            .await?;
+        Ok(Response::new(authorize_response(&decision)))
+    }
+}

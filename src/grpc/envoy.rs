@@ -1,0 +1,213 @@
+//! `envoy.service.auth.v3.Authorization/Check`: the decision for Envoy's ext_authz filter.
+//!
+//! A deny is an OK RPC carrying a `DeniedHttpResponse` (401 with the Basic challenge, or 429
+//! with `Retry-After`); the precise reason goes to Envoy's dynamic metadata, not to the HTTP
+//! client. A decision that cannot be made is an RPC error (`UNAVAILABLE`), so Envoy's own
+//! `failure_mode_allow` / `status_on_error` decide.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use envoy_types::{
+    ext_authz::v3::{
+        CheckRequestExt, CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
+        pb::{Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode},
+    },
+    pb::google::protobuf::{Struct, Value, value::Kind},
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    authorizer::Authorizer,
+    domain::{
+        credentials::parse_client_address,
+        decision::{Decision, DenyReason, Principal},
+    },
+    metrics::Transport,
+};
+
+pub const KEY_ID_HEADER: &str = "x-keygate-key-id";
+pub const KEY_NAME_HEADER: &str = "x-keygate-key-name";
+pub const USER_HEADER: &str = "x-keygate-user";
+
+/// How Check answers, from configuration.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// The `WWW-Authenticate: Basic realm="..."` challenge's realm.
+    pub realm: String,
+    /// Remove the `Authorization` header before the request goes upstream.
+    pub strip_authorization: bool,
+}
+
+pub struct EnvoyAuthorizationService {
+    authorizer: Arc<Authorizer>,
+    challenge: String,
+    strip_authorization: bool,
+}
+
+impl EnvoyAuthorizationService {
+    pub fn new(authorizer: Arc<Authorizer>, options: CheckOptions) -> Self {
+        let realm = options.realm.replace(['\\', '"'], "");
+        Self {
+            authorizer,
+            challenge: format!("Basic realm=\"{realm}\""),
+            strip_authorization: options.strip_authorization,
+        }
+    }
+
+    fn allowed(&self, principal: &Principal) -> CheckResponse {
+        let mut http = OkHttpResponseBuilder::new();
+        let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+        // Headers keygate did not set are removed, so a client cannot forge an identity by
+        // sending them itself.
+        match principal {
+            Principal::Key { id, name } => {
+                http.add_header(KEY_ID_HEADER, id.to_string(), overwrite, false)
+                    .add_header(KEY_NAME_HEADER, header_safe(name), overwrite, true)
+                    .remove_header(USER_HEADER);
+            }
+            Principal::User { username } => {
+                http.add_header(USER_HEADER, header_safe(username), overwrite, true)
+                    .remove_header(KEY_ID_HEADER)
+                    .remove_header(KEY_NAME_HEADER);
+            }
+        }
+        if self.strip_authorization {
+            http.remove_header("authorization");
+        }
+        let mut response = CheckResponse::with_status(Status::ok(""));
+        response
+            .set_http_response(http)
+            .set_dynamic_metadata(Some(metadata(None, Some(principal))));
+        response
+    }
+
+    fn denied(&self, reason: DenyReason, retry_after_secs: Option<u64>) -> CheckResponse {
+        let mut http = DeniedHttpResponseBuilder::new();
+        let status = if reason == DenyReason::RateLimited {
+            http.set_http_status(HttpStatusCode::TooManyRequests)
+                .add_header(
+                    "retry-after",
+                    retry_after_secs.unwrap_or(1).max(1).to_string(),
+                    None,
+                    false,
+                );
+            Status::resource_exhausted("")
+        } else {
+            http.set_http_status(HttpStatusCode::Unauthorized)
+                .add_header("www-authenticate", self.challenge.clone(), None, false);
+            Status::unauthenticated("")
+        };
+        let mut response = CheckResponse::with_status(status);
+        response
+            .set_http_response(http)
+            .set_dynamic_metadata(Some(metadata(Some(reason), None)));
+        response
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for EnvoyAuthorizationService {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let request = request.into_inner();
+        let client = request
+            .get_client_address()
+            .and_then(|a| parse_client_address(a));
+        let header = authorization_header(&request);
+        let decision = self
+            .authorizer
+            .authorize(Transport::Envoy, header, client)
+            .await?;
+        Ok(Response::new(match &decision {
+            Decision::Allow(principal) => self.allowed(principal),
+            Decision::Deny {
+                reason,
+                retry_after_secs,
+            } => self.denied(*reason, *retry_after_secs),
+        }))
+    }
+}
+
+/// The `Authorization` header from the check request: from the string map Envoy sends by
+/// default, or from the raw header map it sends with `encode_raw_headers: true`.
+fn authorization_header(request: &CheckRequest) -> Option<&[u8]> {
+    if let Some(value) = request
+        .get_client_headers()
+        .and_then(|h| h.get("authorization"))
+    {
+        return Some(value.as_bytes());
+    }
+    let http = request
+        .attributes
+        .as_ref()?
+        .request
+        .as_ref()?
+        .http
+        .as_ref()?;
+    http.header_map
+        .as_ref()?
+        .headers
+        .iter()
+        .find(|h| h.key.eq_ignore_ascii_case("authorization"))
+        .map(|h| {
+            if h.raw_value.is_empty() {
+                h.value.as_bytes()
+            } else {
+                h.raw_value.as_slice()
+            }
+        })
+}
+
+/// Key names are printable UTF-8, but a header value should be visible ASCII: other bytes
+/// (and `%` itself) are percent-encoded, so upstreams get a stable, decodable value.
+fn header_safe(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if (0x20..0x7f).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Envoy files these fields under the ext_authz filter's namespace, so access logs can say
+/// `%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision)%`.
+fn metadata(reason: Option<DenyReason>, principal: Option<&Principal>) -> Struct {
+    let text = |s: String| Value {
+        kind: Some(Kind::StringValue(s)),
+    };
+    let mut fields = BTreeMap::new();
+    fields.insert(
+        "decision".to_owned(),
+        text(reason.map_or("ALLOWED", DenyReason::as_str).to_owned()),
+    );
+    match principal {
+        Some(Principal::Key { id, name }) => {
+            fields.insert("key_id".to_owned(), text(id.to_string()));
+            fields.insert("key_name".to_owned(), text(name.clone()));
+        }
+        Some(Principal::User { username }) => {
+            fields.insert("user".to_owned(), text(username.clone()));
+        }
+        None => {}
+    }
+    Struct {
+        fields: fields.into_iter().collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_safe;
+
+    #[test]
+    fn header_values_are_visible_ascii() {
+        assert_eq!(header_safe("prometheus scraper"), "prometheus scraper");
+        assert_eq!(header_safe("100%"), "100%25");
+        assert_eq!(header_safe("clé"), "cl%C3%A9");
+    }
+}

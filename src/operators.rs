@@ -1,0 +1,140 @@
+//! Operators (users): the accounts that authenticate KeyAdmin calls, created at start-up from
+//! `KEYGATE_ADMIN_USER`/`KEYGATE_ADMIN_PASSWORD` or by `keygate user add`.
+
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::{
+    argon_pool::ArgonPool,
+    authorizer::{DecideError, UserCheck, verify_user},
+    cache::CredentialCache,
+    domain::{
+        credentials::parse_authorization,
+        validation::{check_password, parse_username},
+    },
+    store::{DynStore, StoreError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorAuthError {
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("the key store is unavailable")]
+    Unavailable(#[source] DecideError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserAdminError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("user {0:?} already exists")]
+    Exists(String),
+    #[error("no user named {0:?}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("argon2 is overloaded")]
+    Overloaded,
+}
+
+pub struct Operators {
+    store: DynStore,
+    cache: Arc<CredentialCache>,
+    argon: ArgonPool,
+}
+
+impl Operators {
+    pub fn new(store: DynStore, cache: Arc<CredentialCache>, argon: ArgonPool) -> Self {
+        Self {
+            store,
+            cache,
+            argon,
+        }
+    }
+
+    /// Authenticates a KeyAdmin call from its `authorization` metadata and returns the
+    /// operator's username. API keys never authenticate here, whatever their shape: only an
+    /// active user's Basic username/password does.
+    pub async fn authenticate(&self, header: Option<&[u8]>) -> Result<String, OperatorAuthError> {
+        let credentials = parse_authorization(header).map_err(|_| {
+            OperatorAuthError::Unauthenticated(
+                "KeyAdmin requires `authorization: Basic base64(user:password)` metadata of an active user",
+            )
+        })?;
+        let Some(username) = credentials.username.as_deref() else {
+            return Err(OperatorAuthError::Unauthenticated(
+                "KeyAdmin accepts only Basic username/password credentials, not bearer tokens",
+            ));
+        };
+        match verify_user(
+            &self.store,
+            &self.cache,
+            username,
+            &credentials.secret,
+            || None,
+        )
+        .await
+        .map_err(OperatorAuthError::Unavailable)?
+        {
+            UserCheck::Valid => Ok(username.to_owned()),
+            UserCheck::Invalid | UserCheck::Refused(_) => Err(OperatorAuthError::Unauthenticated(
+                "invalid username or password",
+            )),
+        }
+    }
+
+    pub async fn add_user(
+        &self,
+        username: &str,
+        password: &SecretString,
+    ) -> Result<(), UserAdminError> {
+        let username = parse_username(username).map_err(|e| UserAdminError::Invalid(e.0))?;
+        check_password(password.expose_secret()).map_err(|e| UserAdminError::Invalid(e.0))?;
+        let hash = self
+            .argon
+            .hash(password.clone())
+            .await
+            .map_err(|_| UserAdminError::Overloaded)?;
+        match self.store.create_user(&username, &hash).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::UserExists) => Err(UserAdminError::Exists(username)),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    pub async fn set_password(
+        &self,
+        username: &str,
+        password: &SecretString,
+    ) -> Result<(), UserAdminError> {
+        check_password(password.expose_secret()).map_err(|e| UserAdminError::Invalid(e.0))?;
+        let hash = self
+            .argon
+            .hash(password.clone())
+            .await
+            .map_err(|_| UserAdminError::Overloaded)?;
+        if !self.store.set_user_password(username, &hash).await? {
+            return Err(UserAdminError::NotFound(username.to_owned()));
+        }
+        self.cache.invalidate_users();
+        Ok(())
+    }
+
+    /// Creates the bootstrap user when the store has no user at all. Returns whether it did.
+    pub async fn bootstrap(
+        &self,
+        username: &str,
+        password: &SecretString,
+    ) -> Result<bool, UserAdminError> {
+        if self.store.count_users().await? > 0 {
+            return Ok(false);
+        }
+        match self.add_user(username, password).await {
+            Ok(()) => Ok(true),
+            // Another replica bootstrapped the same user at the same moment.
+            Err(UserAdminError::Exists(_)) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+}

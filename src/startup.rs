@@ -1,0 +1,515 @@
+//! Wiring: the store, the use cases, three listeners (main, admin, metrics), health, the
+//! background tasks, and graceful shutdown.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{service::Routes, transport::Server};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    argon_pool::ArgonPool,
+    authorizer::Authorizer,
+    cache::{CachedKey, CredentialCache},
+    config::ServeArgs,
+    domain::hashing::{InvalidHashParams, SecretHasher},
+    grpc::{
+        authorizer::AuthorizerService,
+        envoy::{CheckOptions, EnvoyAuthorizationService},
+        key_admin::KeyAdminService,
+        proto::{authorizer_server::AuthorizerServer, key_admin_server::KeyAdminServer},
+        reflection::{ENVOY_AUTHORIZATION_SERVICE, add_reflection, envoy_ext_authz_descriptors},
+    },
+    keys::KeyManager,
+    metrics::Metrics,
+    operators::Operators,
+    rate_limit::{FailureBudget, FailureLimiter},
+    store::{self, DynStore, StoreChange, StoreError},
+    usage::{FLUSH_INTERVAL, UsageRecorder},
+};
+
+const AUTHORIZER_SERVICE: &str = "keygate.v1.Authorizer";
+const KEY_ADMIN_SERVICE: &str = "keygate.v1.KeyAdmin";
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    HashParams(#[from] InvalidHashParams),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot build server reflection: {0}")]
+    Reflection(String),
+    #[error("server failed: {0}")]
+    Serve(String),
+}
+
+/// The use cases and shared state, built once per process.
+pub struct Services {
+    pub store: DynStore,
+    pub cache: Arc<CredentialCache>,
+    pub authorizer: Arc<Authorizer>,
+    pub keys: Arc<KeyManager>,
+    pub operators: Arc<Operators>,
+    pub usage: Arc<UsageRecorder>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Services {
+    pub fn build(settings: &ServeArgs, store: DynStore) -> Result<Self, StartupError> {
+        let metrics = Metrics::new();
+        let hasher = SecretHasher::new(settings.hashing.params())?;
+        let argon = ArgonPool::new(
+            hasher,
+            settings.argon2_workers(),
+            settings.argon2_max_queue,
+            metrics.clone(),
+        );
+        let cache = Arc::new(CredentialCache::new(
+            settings.cache_capacity,
+            argon.clone(),
+            metrics.clone(),
+        ));
+        let usage = Arc::new(UsageRecorder::default());
+        let limiter = FailureLimiter::new(FailureBudget {
+            burst: settings.rate_limit_burst,
+            per_minute: settings.rate_limit_per_minute,
+        });
+        let authorizer = Arc::new(Authorizer::new(
+            store.clone(),
+            cache.clone(),
+            limiter,
+            settings.key_prefix.clone(),
+            usage.clone(),
+            metrics.clone(),
+        ));
+        let keys = Arc::new(KeyManager::new(
+            store.clone(),
+            cache.clone(),
+            authorizer.clone(),
+            argon.clone(),
+            settings.key_prefix.clone(),
+        ));
+        let operators = Arc::new(Operators::new(store.clone(), cache.clone(), argon));
+        Ok(Self {
+            store,
+            cache,
+            authorizer,
+            keys,
+            operators,
+            usage,
+            metrics,
+        })
+    }
+}
+
+/// A bound, not yet running keygate. Binding happens in `build`, so tests can ask for port 0
+/// and read the real ports before running it.
+pub struct Application {
+    settings: ServeArgs,
+    services: Services,
+    main_listener: TcpListener,
+    admin_listener: TcpListener,
+    metrics_listener: TcpListener,
+}
+
+impl Application {
+    /// Opens the store the settings name (without waiting for it to answer) and binds.
+    pub async fn build(settings: ServeArgs) -> Result<Self, StartupError> {
+        let store = store::connect(&settings.database.resolved_url()).await?;
+        Self::build_with_store(settings, store).await
+    }
+
+    pub async fn build_with_store(
+        settings: ServeArgs,
+        store: DynStore,
+    ) -> Result<Self, StartupError> {
+        let services = Services::build(&settings, store)?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartupError::Bind { addr, source })
+        };
+        Ok(Self {
+            main_listener: bind(settings.listen).await?,
+            admin_listener: bind(settings.admin_listen).await?,
+            metrics_listener: bind(settings.metrics_listen).await?,
+            settings,
+            services,
+        })
+    }
+
+    pub fn main_addr(&self) -> SocketAddr {
+        self.main_listener.local_addr().expect("bound listener")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener.local_addr().expect("bound listener")
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listener.local_addr().expect("bound listener")
+    }
+
+    pub fn services(&self) -> &Services {
+        &self.services
+    }
+
+    /// Serves until `shutdown` resolves, then reports NOT_SERVING, waits the configured delay,
+    /// stops accepting and lets in-flight RPCs finish (bounded by the grace period).
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartupError> {
+        let Self {
+            settings,
+            services,
+            main_listener,
+            admin_listener,
+            metrics_listener,
+        } = self;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for service in [
+            "",
+            AUTHORIZER_SERVICE,
+            ENVOY_AUTHORIZATION_SERVICE,
+            KEY_ADMIN_SERVICE,
+        ] {
+            health
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+        let envoy_descriptors =
+            envoy_ext_authz_descriptors().map_err(|e| StartupError::Reflection(e.to_string()))?;
+
+        let main_routes = Routes::new(AuthorizerServer::new(AuthorizerService::new(
+            services.authorizer.clone(),
+        )))
+        .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
+            EnvoyAuthorizationService::new(
+                services.authorizer.clone(),
+                CheckOptions {
+                    realm: settings.realm.clone(),
+                    strip_authorization: settings.strip_authorization,
+                },
+            ),
+        ))
+        .add_service(health_service.clone());
+        let main_routes = add_reflection(
+            main_routes,
+            &[
+                AUTHORIZER_SERVICE,
+                ENVOY_AUTHORIZATION_SERVICE,
+                HEALTH_SERVICE,
+            ],
+            Some(&envoy_descriptors),
+        )
+        .map_err(|e| StartupError::Reflection(e.to_string()))?;
+
+        let admin_routes = Routes::new(KeyAdminServer::new(KeyAdminService::new(
+            services.keys.clone(),
+            services.operators.clone(),
+        )))
+        .add_service(health_service);
+        let admin_routes = add_reflection(admin_routes, &[KEY_ADMIN_SERVICE, HEALTH_SERVICE], None)
+            .map_err(|e| StartupError::Reflection(e.to_string()))?;
+
+        let services = Arc::new(services);
+        let (stopping_tx, stopping) = watch::channel(false);
+        let mut background = JoinSet::new();
+        background.spawn(readiness(
+            services.clone(),
+            settings.clone(),
+            health.clone(),
+            stopping.clone(),
+        ));
+        background.spawn(apply_store_changes(
+            services.clone(),
+            settings.revalidate_interval(),
+        ));
+        background.spawn(flush_usage(services.clone(), stopping.clone()));
+
+        tracing::info!(
+            store = %services.store.describe(),
+            main = %main_listener.local_addr().expect("bound"),
+            admin = %admin_listener.local_addr().expect("bound"),
+            metrics = %metrics_listener.local_addr().expect("bound"),
+            "keygate listening"
+        );
+
+        let closing = || {
+            let mut stopping = stopping.clone();
+            async move {
+                let _ = stopping.wait_for(|stopped| *stopped).await;
+            }
+        };
+        let grpc_server = || {
+            Server::builder()
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
+        };
+        let main_server = tokio::spawn(
+            grpc_server()
+                .add_routes(main_routes)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(main_listener), closing()),
+        );
+        let admin_server = tokio::spawn(
+            grpc_server()
+                .add_routes(admin_routes)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), closing()),
+        );
+        let metrics_server = tokio::spawn(serve_metrics(
+            metrics_listener,
+            services.metrics.clone(),
+            closing(),
+        ));
+
+        shutdown.await;
+        tracing::info!("shutting down: reporting NOT_SERVING");
+        for service in [
+            "",
+            AUTHORIZER_SERVICE,
+            ENVOY_AUTHORIZATION_SERVICE,
+            KEY_ADMIN_SERVICE,
+        ] {
+            health
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+        tokio::time::sleep(Duration::from_secs(settings.shutdown_delay_secs)).await;
+        let _ = stopping_tx.send(true);
+        let grace = Duration::from_secs(settings.shutdown_grace_secs);
+        let drained = tokio::time::timeout(grace, async {
+            let main = main_server.await;
+            let admin = admin_server.await;
+            let _ = metrics_server.await;
+            (main, admin)
+        })
+        .await;
+        // Last writes of last_used_at.
+        services.usage.flush(&services.store).await;
+        background.abort_all();
+        match drained {
+            Ok((Ok(Ok(())), Ok(Ok(())))) => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+            Ok((main, admin)) => Err(StartupError::Serve(format!("{main:?} {admin:?}"))),
+            Err(_) => {
+                tracing::warn!(
+                    ?grace,
+                    "in-flight requests did not finish within the grace period"
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Migrates (retrying until the database answers), creates the bootstrap user, reports
+/// SERVING, then keeps KeyAdmin's health in step with the store's reachability.
+async fn readiness(
+    services: Arc<Services>,
+    settings: ServeArgs,
+    health: HealthReporter,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match prepare_store(&services, &settings).await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "store not ready");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopping.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    if *stopping.borrow() {
+        return;
+    }
+    for service in [
+        "",
+        AUTHORIZER_SERVICE,
+        ENVOY_AUTHORIZATION_SERVICE,
+        KEY_ADMIN_SERVICE,
+    ] {
+        health
+            .set_service_status(service, ServingStatus::Serving)
+            .await;
+    }
+    tracing::info!(store = %services.store.describe(), "store ready; serving");
+    // While the store is unreachable, Authorize keeps answering from its cache, so the process
+    // stays SERVING; only KeyAdmin, which needs the store for every call, reports NOT_SERVING.
+    let mut store_up = true;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stopping.changed() => return,
+        }
+        let up = services.store.ping().await.is_ok();
+        if up != store_up && !*stopping.borrow() {
+            store_up = up;
+            let status = if up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status(KEY_ADMIN_SERVICE, status).await;
+            if up {
+                tracing::info!("store reachable again");
+            } else {
+                tracing::warn!(
+                    "store unreachable: serving Authorize from cache, KeyAdmin NOT_SERVING"
+                );
+            }
+        }
+    }
+}
+
+async fn prepare_store(services: &Services, settings: &ServeArgs) -> Result<(), StartupError> {
+    services.store.migrate().await?;
+    if let (Some(user), Some(password)) = (&settings.admin_user, &settings.admin_password) {
+        match services.operators.bootstrap(user, password).await {
+            Ok(true) => tracing::info!(user, "created the bootstrap operator"),
+            Ok(false) => {}
+            Err(crate::operators::UserAdminError::Store(error)) => return Err(error.into()),
+            Err(error) => {
+                tracing::error!(%error, "cannot create the bootstrap operator from KEYGATE_ADMIN_USER")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies other replicas' changes (Postgres LISTEN/NOTIFY) and re-validates every cached key
+/// periodically and after the change feed reconnects.
+async fn apply_store_changes(services: Arc<Services>, revalidate_every: Duration) {
+    let mut changes = services.store.subscribe().await;
+    let mut ticker = tokio::time::interval(revalidate_every);
+    ticker.tick().await;
+    loop {
+        let change = async {
+            match changes.as_mut() {
+                Some(feed) => feed.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = ticker.tick() => revalidate(&services).await,
+            change = change => match change {
+                Some(StoreChange::Key(id)) => {
+                    services.metrics.store_changes.inc();
+                    services.cache.invalidate_key(id);
+                }
+                Some(StoreChange::AuthMode) => {
+                    services.metrics.store_changes.inc();
+                    services.authorizer.note_lockout();
+                }
+                Some(StoreChange::Resync) => revalidate(&services).await,
+                None => changes = None,
+            },
+        }
+    }
+}
+
+/// Compares every cached key with the store and drops the entries that changed. On a store
+/// error the entries stay: while the database is down nobody can change a key anyway.
+async fn revalidate(services: &Services) {
+    let ids = services.cache.cached_key_ids();
+    for chunk in ids.chunks(1000) {
+        let current = match services.store.get_keys(chunk).await {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::warn!(%error, "cannot re-validate cached keys; keeping them");
+                return;
+            }
+        };
+        for id in chunk {
+            let fresh = current.iter().find(|record| record.id == *id);
+            let Some(entry) = services.cache.key(*id) else {
+                continue;
+            };
+            let unchanged = match (&*entry, fresh) {
+                (CachedKey::Known(cached), Some(fresh)) => {
+                    cached.record.enabled == fresh.enabled
+                        && cached.record.expires_at == fresh.expires_at
+                        && cached.record.name == fresh.name
+                        && cached.record.secret_hash == fresh.secret_hash
+                }
+                (CachedKey::Unknown, None) => true,
+                _ => false,
+            };
+            if !unchanged {
+                tracing::info!(id, "cached key changed without a notification; dropping it");
+                services.cache.invalidate_key(*id);
+            }
+        }
+    }
+}
+
+async fn flush_usage(services: Arc<Services>, mut stopping: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FLUSH_INTERVAL) => {}
+            _ = stopping.changed() => return,
+        }
+        if services.usage.flush(&services.store).await {
+            services.metrics.usage_flushes.inc();
+        }
+    }
+}
+
+async fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

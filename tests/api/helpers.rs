@@ -1,0 +1,350 @@
+//! The test harness: a real keygate on random ports against a real store (a fresh Postgres
+//! database per test from `#[sqlx::test]`, or a SQLite file in a temporary directory), and real
+//! tonic clients talking to it over TCP.
+
+// Each feature file uses a different subset of the harness.
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use base64::Engine as _;
+use keygate::{
+    config::ServeArgs,
+    grpc::proto::{
+        self, ApiKey, AuthorizeRequest, AuthorizeResponse, CreateKeyRequest,
+        authorizer_client::AuthorizerClient, key_admin_client::KeyAdminClient,
+    },
+    startup::Application,
+    store::{DynStore, PostgresStore, SqliteStore},
+};
+use secrecy::SecretString;
+use tempfile::TempDir;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{
+    Request, Status, metadata::MetadataValue, service::interceptor::InterceptedService,
+    transport::Channel,
+};
+
+pub const ADMIN_USER: &str = "admin";
+pub const ADMIN_PASSWORD: &str = "correct horse battery staple";
+
+/// Runs one test body against both stores: the cases are written once.
+///
+/// ```ignore
+/// async fn some_case(backend: TestBackend) { ... }
+/// both_backends!(some_case);
+/// ```
+#[macro_export]
+macro_rules! both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod on_postgres {
+            $(
+                #[sqlx::test(migrations = false)]
+                async fn $case(pool: sqlx::PgPool) {
+                    super::$case($crate::helpers::TestBackend::postgres(pool)).await
+                }
+            )*
+        }
+        mod on_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case($crate::helpers::TestBackend::sqlite()).await
+                }
+            )*
+        }
+    };
+}
+
+/// A database that outlives the apps started on it (so a test can restart keygate).
+pub enum TestBackend {
+    Postgres(sqlx::PgPool),
+    Sqlite(TempDir),
+}
+
+impl TestBackend {
+    pub fn postgres(pool: sqlx::PgPool) -> Self {
+        Self::Postgres(pool)
+    }
+
+    pub fn sqlite() -> Self {
+        Self::Sqlite(tempfile::tempdir().expect("temporary directory"))
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+
+    /// The URL a separate keygate process (or a second store) would use.
+    pub fn url(&self) -> String {
+        match self {
+            Self::Postgres(pool) => {
+                let options = pool.connect_options();
+                let base = std::env::var("DATABASE_URL")
+                    .expect("DATABASE_URL must name the Postgres server for the tests");
+                let database = options.get_database().expect("test database name");
+                let server = base
+                    .rsplit_once('/')
+                    .map(|(server, _)| server)
+                    .unwrap_or(&base);
+                format!("{server}/{database}")
+            }
+            Self::Sqlite(dir) => format!("sqlite://{}", self.sqlite_path(dir).display()),
+        }
+    }
+
+    fn sqlite_path(&self, dir: &TempDir) -> PathBuf {
+        dir.path().join("keygate.db")
+    }
+
+    pub async fn store(&self) -> DynStore {
+        match self {
+            Self::Postgres(pool) => Arc::new(PostgresStore::from_pool(pool.clone(), "test".into())),
+            Self::Sqlite(_) => Arc::new(
+                SqliteStore::connect(&self.url())
+                    .await
+                    .expect("open the SQLite test database"),
+            ),
+        }
+    }
+}
+
+/// Settings for a test server: random loopback ports, the bootstrap operator, production
+/// argon2 parameters.
+pub fn test_settings() -> ServeArgs {
+    let mut settings = ServeArgs::from_env();
+    let any_port: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    settings.listen = any_port;
+    settings.admin_listen = any_port;
+    settings.metrics_listen = any_port;
+    settings.admin_user = Some(ADMIN_USER.to_owned());
+    settings.admin_password = Some(SecretString::from(ADMIN_PASSWORD.to_owned()));
+    settings.shutdown_grace_secs = 5;
+    settings
+}
+
+pub struct TestApp {
+    pub main_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub authorizer: AuthorizerClient<Channel>,
+    pub admin: AdminClient,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+pub type AdminClient = KeyAdminClient<InterceptedService<Channel, BasicAuth>>;
+
+/// Adds `authorization: Basic …` metadata to every call.
+#[derive(Clone)]
+pub struct BasicAuth(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BasicAuth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+pub async fn spawn_app(backend: &TestBackend) -> TestApp {
+    spawn_app_with(backend, |_| {}).await
+}
+
+/// Starts keygate on `backend` with adjusted settings and waits until it reports SERVING.
+pub async fn spawn_app_with(backend: &TestBackend, adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
+    let mut settings = test_settings();
+    adjust(&mut settings);
+    let app = Application::build_with_store(settings, backend.store().await)
+        .await
+        .expect("build keygate");
+    let (main_addr, admin_addr, metrics_addr) =
+        (app.main_addr(), app.admin_addr(), app.metrics_addr());
+    let (shutdown, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        app.run_until_stopped(async move {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("keygate stopped cleanly");
+    });
+    wait_until_serving(admin_addr).await;
+    let authorizer = AuthorizerClient::new(channel(main_addr).await);
+    let admin = admin_client(admin_addr, Some((ADMIN_USER, ADMIN_PASSWORD))).await;
+    TestApp {
+        main_addr,
+        admin_addr,
+        metrics_addr,
+        authorizer,
+        admin,
+        shutdown: Some(shutdown),
+        server: Some(server),
+    }
+}
+
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to keygate")
+}
+
+/// A KeyAdmin client with the given credentials (`None`: no authorization metadata).
+pub async fn admin_client(addr: SocketAddr, credentials: Option<(&str, &str)>) -> AdminClient {
+    let value = credentials.map(|(user, password)| basic(user, password).parse().unwrap());
+    KeyAdminClient::with_interceptor(channel(addr).await, BasicAuth(value))
+}
+
+/// A KeyAdmin client sending an arbitrary `authorization` value.
+pub async fn admin_client_with_header(addr: SocketAddr, header: &str) -> AdminClient {
+    KeyAdminClient::with_interceptor(
+        channel(addr).await,
+        BasicAuth(Some(header.parse().unwrap())),
+    )
+}
+
+pub async fn wait_until_serving(addr: SocketAddr) {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            let status = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().status());
+            if matches!(status, Ok(ServingStatus::Serving)) {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "keygate at {addr} never became SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl TestApp {
+    /// Creates a key as the bootstrap operator; returns its record and the clear key.
+    pub async fn create_key(&self, name: &str) -> (ApiKey, String) {
+        self.create_key_expiring(name, None).await
+    }
+
+    pub async fn create_key_expiring(
+        &self,
+        name: &str,
+        expires_at: Option<prost_types::Timestamp>,
+    ) -> (ApiKey, String) {
+        let created = self
+            .admin
+            .clone()
+            .create_key(CreateKeyRequest {
+                name: name.to_owned(),
+                expires_at,
+            })
+            .await
+            .expect("CreateKey")
+            .into_inner();
+        (
+            created.key.expect("key in CreateKeyResponse"),
+            created.secret,
+        )
+    }
+
+    /// Calls Authorize with a raw Authorization header value.
+    pub async fn authorize(&self, header: &str) -> AuthorizeResponse {
+        self.try_authorize(header, "").await.expect("Authorize")
+    }
+
+    pub async fn try_authorize(
+        &self,
+        header: &str,
+        client_address: &str,
+    ) -> Result<AuthorizeResponse, Status> {
+        self.authorizer
+            .clone()
+            .authorize(AuthorizeRequest {
+                authorization: header.to_owned(),
+                client_address: client_address.to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn set_enabled(&self, id: i64, enabled: bool) -> ApiKey {
+        self.admin
+            .clone()
+            .set_key_enabled(proto::SetKeyEnabledRequest { id, enabled })
+            .await
+            .expect("SetKeyEnabled")
+            .into_inner()
+    }
+
+    /// Fetches keygate's own /metrics text.
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: keygate\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        self.stop_in_place().await;
+    }
+
+    async fn stop_in_place(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+pub fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+pub fn timestamp_in(seconds: i64) -> prost_types::Timestamp {
+    let at = chrono::Utc::now() + chrono::Duration::seconds(seconds);
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
