@@ -348,3 +348,42 @@ pub fn timestamp_in(seconds: i64) -> prost_types::Timestamp {
         nanos: at.timestamp_subsec_nanos() as i32,
     }
 }
+
+/// The path of an external tool the tests drive for real (envoy, grpcurl, prometheus,
+/// promtool, wrk, h2load). Looked up in `KEYGATE_TEST_<NAME>`, then `.tools/bin/` (where
+/// `scripts/install-test-tools.sh` links them), then PATH. A missing tool fails the test
+/// loudly: it is never a silent skip.
+pub fn tool(name: &str) -> PathBuf {
+    let variable = format!("KEYGATE_TEST_{}", name.to_uppercase().replace('-', "_"));
+    if let Ok(path) = std::env::var(&variable) {
+        return PathBuf::from(path);
+    }
+    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(".tools/bin")
+        .join(name);
+    if local.exists() {
+        return local;
+    }
+    if let Some(found) = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    }) {
+        return found;
+    }
+    panic!("the tests need `{name}`: run `bash scripts/install-test-tools.sh` (or set {variable})");
+}
+
+/// The release or debug `keygate` binary cargo built for these tests.
+pub fn keygate_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_keygate"))
+}
+
+/// A free TCP port on 127.0.0.1 for a child process (Envoy, Prometheus) that cannot report the
+/// port it bound. The listener is dropped before returning, so a race is possible but rare.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port")
+}
