@@ -4,3 +4,6 @@
 mod helpers;
 
 mod authorize;
+mod db_outage;
+mod pg_cluster;
+mod support;
