@@ -6,4 +6,5 @@ mod helpers;
 mod authorize;
 mod db_outage;
 mod pg_cluster;
+mod restarts;
 mod support;
