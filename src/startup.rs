@@ -254,6 +254,9 @@ impl Application {
                 .tcp_nodelay(true)
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
+                .layer(tower::util::MapResponseLayer::new(
+                    crate::grpc::malformed::undecodable_is_invalid_argument,
+                ))
         };
         let main_server = tokio::spawn(
             grpc_server()

@@ -5,6 +5,7 @@ pub mod authorizer;
 pub mod convert;
 pub mod envoy;
 pub mod key_admin;
+pub mod malformed;
 pub mod reflection;
 pub mod status;
 
