@@ -5,6 +5,7 @@ mod helpers;
 
 mod authorize;
 mod db_outage;
+mod hostile_input;
 mod pg_cluster;
 mod restarts;
 mod support;
