@@ -21,6 +21,7 @@ use crate::{
         key::{KeyPrefix, parse_key},
     },
     metrics::{Metrics, Transport},
+    rate_limit::FailureLimiter,
     store::{DynStore, StoreError},
     usage::UsageRecorder,
 };
@@ -50,7 +51,7 @@ impl From<Overloaded> for DecideError {
 pub struct Authorizer {
     store: DynStore,
     cache: Arc<CredentialCache>,
-    limiter: crate::rate_limit::FailureLimiter,
+    limiter: FailureLimiter,
     prefix: KeyPrefix,
     /// Once the store has said the lockout flag is set, it is set forever: no need to ask again.
     api_keys_enabled: AtomicBool,
@@ -62,7 +63,7 @@ impl Authorizer {
     pub fn new(
         store: DynStore,
         cache: Arc<CredentialCache>,
-        limiter: crate::rate_limit::FailureLimiter,
+        limiter: FailureLimiter,
         prefix: KeyPrefix,
         usage: Arc<UsageRecorder>,
         metrics: Arc<Metrics>,
@@ -161,15 +162,16 @@ impl Authorizer {
             let fingerprint = self.cache.fingerprint(&key.secret, parsed.random);
             if !self.cache.is_verified(&key.secret, &fingerprint) {
                 // Step 5: only uncached verification work is rate limited.
-                if let Some(decision) = self.rate_limited(client) {
-                    return Ok(decision);
-                }
+                let attempt = match self.limiter.begin(client) {
+                    Ok(attempt) => attempt,
+                    Err(retry_after) => return Ok(rate_limited(retry_after)),
+                };
                 let matched = self
                     .cache
                     .verify(&key.secret, parsed.random, fingerprint)
                     .await?;
                 if !matched {
-                    self.limiter.record_failure(client);
+                    attempt.failed();
                     return Ok(Decision::deny(DenyReason::InvalidCredentials));
                 }
                 // The key may have been disabled or deleted while argon2 ran; decide on its
@@ -194,29 +196,21 @@ impl Authorizer {
         password: &str,
         client: Option<IpAddr>,
     ) -> Result<Decision, DecideError> {
-        let verified = verify_user(&self.store, &self.cache, username, password, || {
-            self.rate_limited(client)
-        })
+        let verified = verify_user(
+            &self.store,
+            &self.cache,
+            username,
+            password,
+            Some((&self.limiter, client)),
+        )
         .await?;
         Ok(match verified {
             UserCheck::Valid => Decision::Allow(Principal::User {
                 username: username.to_owned(),
             }),
-            UserCheck::Invalid => {
-                self.limiter.record_failure(client);
-                Decision::deny(DenyReason::InvalidCredentials)
-            }
+            UserCheck::Invalid => Decision::deny(DenyReason::InvalidCredentials),
             UserCheck::Refused(decision) => decision,
         })
-    }
-
-    fn rate_limited(&self, client: Option<IpAddr>) -> Option<Decision> {
-        self.limiter
-            .check(client)
-            .map(|retry_after| Decision::Deny {
-                reason: DenyReason::RateLimited,
-                retry_after_secs: Some(retry_after.as_secs_f64().ceil() as u64),
-            })
     }
 
     async fn key_entry(&self, id: i64) -> Result<Arc<CachedKey>, DecideError> {
@@ -247,23 +241,30 @@ impl Authorizer {
     }
 }
 
+fn rate_limited(retry_after: std::time::Duration) -> Decision {
+    Decision::Deny {
+        reason: DenyReason::RateLimited,
+        retry_after_secs: Some(retry_after.as_secs_f64().ceil() as u64),
+    }
+}
+
 /// The outcome of checking a username/password pair.
 pub enum UserCheck {
     Valid,
     Invalid,
-    /// The caller's gate refused to pay for argon2 (rate limiting).
+    /// The failure limiter refused to pay for argon2.
     Refused(Decision),
 }
 
 /// Checks an operator's username and password: from the cache when this exact pair was verified
-/// before, otherwise with argon2, after asking `gate` whether that work may be done. Unknown and
-/// inactive users cost a dummy argon2 run, so timing does not tell them apart.
+/// before, otherwise with argon2, if `limiter` (with the client's address) allows that work.
+/// Unknown and inactive users cost a dummy argon2 run, so timing does not tell them apart.
 pub async fn verify_user(
     store: &DynStore,
     cache: &CredentialCache,
     username: &str,
     password: &str,
-    gate: impl FnOnce() -> Option<Decision>,
+    limiter: Option<(&FailureLimiter, Option<IpAddr>)>,
 ) -> Result<UserCheck, DecideError> {
     let entry = match cache.user(username) {
         Some(entry) => entry,
@@ -277,18 +278,23 @@ pub async fn verify_user(
     if active && cache.is_verified(&entry.secret, &fingerprint) {
         return Ok(UserCheck::Valid);
     }
-    if let Some(decision) = gate() {
-        return Ok(UserCheck::Refused(decision));
-    }
-    if !active {
+    let attempt = match limiter.map(|(limiter, client)| limiter.begin(client)) {
+        None => None,
+        Some(Ok(attempt)) => Some(attempt),
+        Some(Err(retry_after)) => return Ok(UserCheck::Refused(rate_limited(retry_after))),
+    };
+    let valid = if active {
+        cache.verify(&entry.secret, password, fingerprint).await?
+    } else {
         cache.burn_dummy_verify(password).await?;
-        return Ok(UserCheck::Invalid);
+        false
+    };
+    if valid {
+        Ok(UserCheck::Valid)
+    } else {
+        if let Some(attempt) = attempt {
+            attempt.failed();
+        }
+        Ok(UserCheck::Invalid)
     }
-    Ok(
-        if cache.verify(&entry.secret, password, fingerprint).await? {
-            UserCheck::Valid
-        } else {
-            UserCheck::Invalid
-        },
-    )
 }

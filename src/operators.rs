@@ -72,7 +72,7 @@ impl Operators {
             &self.cache,
             username,
             &credentials.secret,
-            || None,
+            None,
         )
         .await
         .map_err(OperatorAuthError::Unavailable)?

@@ -56,28 +56,18 @@ impl FailureLimiter {
         bucket.updated = now;
     }
 
-    /// `Some(retry_after)` when the client has used up its failures and must wait.
-    pub fn check(&self, client: Option<IpAddr>) -> Option<Duration> {
+    /// Starts a verification that may fail: takes one token of the client's allowance up front,
+    /// or returns how long to wait when none is left. Taking it before argon2 runs (not after
+    /// it failed) is what bounds the work of a client with many requests in flight: with a
+    /// check-then-record limiter, every concurrent request would pass the check before the
+    /// first failure is recorded. The token comes back unless the attempt is marked `failed`.
+    pub fn begin(&self, client: Option<IpAddr>) -> Result<Attempt<'_>, Duration> {
         if self.budget.is_unlimited() {
-            return None;
-        }
-        let bucket = self.buckets.get(&client)?;
-        let mut bucket = bucket
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.refill(&mut bucket, Instant::now());
-        if bucket.tokens >= 1.0 {
-            None
-        } else {
-            let wait = (1.0 - bucket.tokens) / self.refill_rate();
-            Some(Duration::from_secs_f64(wait.max(0.001)))
-        }
-    }
-
-    /// Spends one token of the client's allowance.
-    pub fn record_failure(&self, client: Option<IpAddr>) {
-        if self.budget.is_unlimited() {
-            return;
+            return Ok(Attempt {
+                limiter: self,
+                client,
+                settled: true,
+            });
         }
         let burst = f64::from(self.budget.burst);
         let bucket = self.buckets.get_with(client, || {
@@ -90,7 +80,52 @@ impl FailureLimiter {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         self.refill(&mut bucket, Instant::now());
-        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(Attempt {
+                limiter: self,
+                client,
+                settled: false,
+            })
+        } else {
+            let wait = (1.0 - bucket.tokens) / self.refill_rate();
+            Err(Duration::from_secs_f64(wait.max(0.001)))
+        }
+    }
+
+    fn refund(&self, client: Option<IpAddr>) {
+        if let Some(bucket) = self.buckets.get(&client) {
+            let mut bucket = bucket
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.refill(&mut bucket, Instant::now());
+            bucket.tokens = (bucket.tokens + 1.0).min(f64::from(self.budget.burst));
+        }
+    }
+}
+
+/// A verification in progress that holds one token of its client's allowance: spent if the
+/// attempt is marked `failed`, given back when it is dropped otherwise (a match, or no verdict
+/// at all because the work could not be done).
+#[must_use = "dropping the attempt gives its token back"]
+pub struct Attempt<'a> {
+    limiter: &'a FailureLimiter,
+    client: Option<IpAddr>,
+    settled: bool,
+}
+
+impl Attempt<'_> {
+    /// The credential was wrong: the token stays spent.
+    pub fn failed(mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.limiter.refund(self.client);
+        }
     }
 }
 
@@ -109,16 +144,15 @@ mod tests {
             per_minute: 1,
         });
         for _ in 0..3 {
-            assert_eq!(limiter.check(ip(1)), None);
-            limiter.record_failure(ip(1));
+            limiter.begin(ip(1)).expect("within the burst").failed();
         }
-        let retry = limiter.check(ip(1)).expect("limited after the burst");
+        let retry = limiter.begin(ip(1)).err().expect("limited after the burst");
         assert!(
             retry > Duration::from_secs(50) && retry <= Duration::from_secs(60),
             "{retry:?}"
         );
-        assert_eq!(limiter.check(ip(2)), None, "other clients are unaffected");
-        assert_eq!(limiter.check(None), None);
+        assert!(limiter.begin(ip(2)).is_ok(), "other clients are unaffected");
+        assert!(limiter.begin(None).is_ok());
     }
 
     #[test]
@@ -127,10 +161,10 @@ mod tests {
             burst: 1,
             per_minute: 60_000,
         });
-        limiter.record_failure(ip(1));
-        assert!(limiter.check(ip(1)).is_some());
+        limiter.begin(ip(1)).unwrap().failed();
+        assert!(limiter.begin(ip(1)).is_err());
         std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(limiter.check(ip(1)), None);
+        assert!(limiter.begin(ip(1)).is_ok());
     }
 
     #[test]
@@ -140,8 +174,26 @@ mod tests {
             per_minute: 0,
         });
         for _ in 0..100 {
-            limiter.record_failure(ip(1));
+            limiter.begin(ip(1)).unwrap().failed();
         }
-        assert_eq!(limiter.check(ip(1)), None);
+        assert!(limiter.begin(ip(1)).is_ok());
+    }
+
+    #[test]
+    fn attempts_in_flight_hold_tokens_and_successes_give_them_back() {
+        let limiter = FailureLimiter::new(FailureBudget {
+            burst: 2,
+            per_minute: 1,
+        });
+        let first = limiter.begin(ip(1)).unwrap();
+        let second = limiter.begin(ip(1)).unwrap();
+        assert!(limiter.begin(ip(1)).is_err(), "two in flight use the burst");
+        drop(first);
+        let third = limiter
+            .begin(ip(1))
+            .expect("a success gives its token back");
+        second.failed();
+        third.failed();
+        assert!(limiter.begin(ip(1)).is_err());
     }
 }
