@@ -4,6 +4,7 @@
 mod helpers;
 
 mod authorize;
+mod brute_force;
 mod db_outage;
 mod hostile_input;
 mod pg_cluster;

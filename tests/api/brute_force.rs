@@ -1,0 +1,134 @@
+//! Brute force (issue 6, item 5): a client spraying wrong secrets is rate limited before argon2,
+//! so the argon2 work it causes stays bounded (measured on keygate's own /metrics), while a
+//! cached good key from the same address keeps working.
+
+use std::time::Instant;
+
+use keygate::grpc::proto::DenyReason;
+
+use crate::{
+    both_backends,
+    helpers::{TestApp, TestBackend, bearer, spawn_app_with},
+    support::metric_value,
+};
+
+const BURST: u32 = 5;
+const PER_MINUTE: u32 = 30;
+const ATTEMPTS: usize = 200;
+const CONCURRENCY: usize = 16;
+const ATTACKER: &str = "198.51.100.7";
+
+async fn argon2_mismatches(app: &TestApp) -> f64 {
+    metric_value(
+        &app.metrics().await,
+        "keygate_argon2_verifications_total{result=\"mismatch\"}",
+    )
+}
+
+/// A well-formed key for `id` (valid checksum) with a random part nobody was given: only
+/// argon2 can tell it is wrong.
+fn forged(id: i64, n: usize) -> String {
+    let body = format!("uk{id}_{:0>34}", format!("X{n}"));
+    format!("{body}{}", keygate::domain::key::checksum(&body))
+}
+
+async fn a_secret_spray_is_throttled_before_argon2_and_good_keys_keep_working(
+    backend: TestBackend,
+) {
+    let app = spawn_app_with(&backend, |settings| {
+        settings.rate_limit_burst = BURST;
+        settings.rate_limit_per_minute = PER_MINUTE;
+    })
+    .await;
+    let (key, good) = app.create_key("shared gateway").await;
+    // Verified once: from now on a cache hit.
+    assert!(
+        app.try_authorize(&bearer(&good), ATTACKER)
+            .await
+            .unwrap()
+            .allowed
+    );
+
+    let before = argon2_mismatches(&app).await;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|task| {
+            let app_authorizer = app.authorizer.clone();
+            let good = good.clone();
+            let id = key.id;
+            tokio::spawn(async move {
+                let (mut invalid, mut limited, mut good_denied) = (0, 0, Vec::new());
+                for n in (task..ATTEMPTS).step_by(CONCURRENCY) {
+                    let response = app_authorizer
+                        .clone()
+                        .authorize(keygate::grpc::proto::AuthorizeRequest {
+                            authorization: bearer(&forged(id, n)),
+                            client_address: ATTACKER.into(),
+                        })
+                        .await
+                        .expect("Authorize")
+                        .into_inner();
+                    assert!(!response.allowed, "a forged secret was allowed");
+                    match response.reason() {
+                        DenyReason::InvalidCredentials => invalid += 1,
+                        DenyReason::RateLimited => limited += 1,
+                        other => panic!("unexpected {other:?}"),
+                    }
+                    // The good key from the same address, in between.
+                    let response = app_authorizer
+                        .clone()
+                        .authorize(keygate::grpc::proto::AuthorizeRequest {
+                            authorization: bearer(&good),
+                            client_address: ATTACKER.into(),
+                        })
+                        .await
+                        .expect("Authorize")
+                        .into_inner();
+                    if !response.allowed {
+                        good_denied.push(response.reason());
+                    }
+                }
+                (invalid, limited, good_denied)
+            })
+        })
+        .collect();
+    let (mut invalid, mut limited, mut good_denied) = (0, 0, Vec::new());
+    for task in tasks {
+        let (i, l, g) = task.await.unwrap();
+        invalid += i;
+        limited += l;
+        good_denied.extend(g);
+    }
+    let elapsed = started.elapsed();
+    let argon2_runs = argon2_mismatches(&app).await - before;
+
+    // The bucket holds BURST failures and regains PER_MINUTE a minute.
+    let refilled = elapsed.as_secs_f64() * f64::from(PER_MINUTE) / 60.0;
+    let bound = f64::from(BURST) + refilled.ceil();
+    eprintln!(
+        "brute force figures: {ATTEMPTS} forged secrets from one address ({CONCURRENCY} \
+         concurrent) in {elapsed:?}: {argon2_runs} argon2 runs (bound {bound}), {invalid} \
+         INVALID_CREDENTIALS, {limited} RATE_LIMITED; the good key from the same address \
+         was allowed {} times out of {ATTEMPTS}",
+        ATTEMPTS - good_denied.len()
+    );
+    assert!(good_denied.is_empty(), "good key denied: {good_denied:?}");
+    assert!(
+        argon2_runs <= bound,
+        "{argon2_runs} argon2 runs for a client with a burst of {BURST} (bound {bound})"
+    );
+    assert_eq!(
+        invalid as f64, argon2_runs,
+        "every argon2 run was one INVALID_CREDENTIALS"
+    );
+    assert_eq!(invalid + limited, ATTEMPTS);
+
+    // Another address has its own budget.
+    let other = app
+        .try_authorize(&bearer(&forged(key.id, ATTEMPTS + 1)), "198.51.100.8")
+        .await
+        .unwrap();
+    assert_eq!(other.reason(), DenyReason::InvalidCredentials);
+}
+
+both_backends!(a_secret_spray_is_throttled_before_argon2_and_good_keys_keep_working);
