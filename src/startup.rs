@@ -411,13 +411,14 @@ async fn apply_store_changes(services: Arc<Services>, revalidate_every: Duration
         tokio::select! {
             _ = ticker.tick() => revalidate(&services).await,
             change = change => match change {
+                // Counted once applied: a reader of the counter may rely on the change.
                 Some(StoreChange::Key(id)) => {
-                    services.metrics.store_changes.inc();
                     services.cache.invalidate_key(id);
+                    services.metrics.store_changes.inc();
                 }
                 Some(StoreChange::AuthMode) => {
-                    services.metrics.store_changes.inc();
                     services.authorizer.note_lockout();
+                    services.metrics.store_changes.inc();
                 }
                 Some(StoreChange::Resync) => revalidate(&services).await,
                 None => changes = None,
