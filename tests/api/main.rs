@@ -8,5 +8,6 @@ mod brute_force;
 mod db_outage;
 mod hostile_input;
 mod pg_cluster;
+mod races;
 mod restarts;
 mod support;
