@@ -13,7 +13,7 @@ use tonic::{Request, metadata::MetadataValue, transport::Channel};
 use crate::{
     argon_pool::ArgonPool,
     cache::CredentialCache,
-    config::{HealthcheckArgs, UserArgs, UserCommand},
+    config::{ClientTlsArgs, HealthcheckArgs, UserArgs, UserCommand},
     domain::hashing::SecretHasher,
     grpc::{
         convert::timestamp,
@@ -72,11 +72,12 @@ pub async fn run_healthcheck(args: HealthcheckArgs) -> CliResult {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let channel = Channel::from_shared(args.addr)?
-        .connect_timeout(std::time::Duration::from_secs(2))
-        .timeout(std::time::Duration::from_secs(2))
-        .connect()
-        .await?;
+    let channel = connect(
+        &args.addr,
+        &args.tls,
+        Some(std::time::Duration::from_secs(2)),
+    )
+    .await?;
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: String::new(),
@@ -88,6 +89,55 @@ pub async fn run_healthcheck(args: HealthcheckArgs) -> CliResult {
     } else {
         Err(format!("not serving: {:?}", response.status()).into())
     }
+}
+
+/// A channel to a keygate listener: plaintext for `http://`, TLS for `https://` (verified
+/// against --ca-cert, with --client-cert/--client-key for an admin listener that wants them).
+pub async fn connect(
+    addr: &str,
+    tls: &ClientTlsArgs,
+    timeout: Option<std::time::Duration>,
+) -> Result<Channel, Box<dyn std::error::Error + Send + Sync>> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let mut endpoint = Channel::from_shared(addr.to_owned())
+        .map_err(|e| format!("invalid address {addr:?}: {e}"))?
+        .connect_timeout(timeout.unwrap_or(std::time::Duration::from_secs(5)));
+    if let Some(timeout) = timeout {
+        endpoint = endpoint.timeout(timeout);
+    }
+    if addr.starts_with("https://") {
+        let ca = tls.ca_cert.as_ref().ok_or(
+            "an https:// address needs --ca-cert (the CA that signed keygate's certificate)",
+        )?;
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| format!("invalid TLS settings: {}", error_chain(&e)))?;
+    } else if tls.ca_cert.is_some() || tls.client_cert.is_some() {
+        return Err("--ca-cert and --client-cert need an https:// address".into());
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {}", error_chain(&e)).into())
+}
+
+/// An error and its sources, as one line (tonic's transport errors say little on their own).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +156,8 @@ pub struct KeysArgs {
     /// Machine-readable output.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     #[command(subcommand)]
     pub command: KeysCommand,
 }
@@ -155,9 +207,7 @@ pub async fn run_keys_command(args: KeysArgs) -> CliResult {
         password.expose_secret()
     ));
     let header: MetadataValue<_> = format!("Basic {credentials}").parse()?;
-    let channel = Channel::from_shared(args.admin_addr.clone())?
-        .connect()
-        .await?;
+    let channel = connect(&args.admin_addr, &args.tls, None).await?;
     let mut client = KeyAdminClient::with_interceptor(channel, move |mut request: Request<()>| {
         request
             .metadata_mut()

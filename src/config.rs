@@ -59,6 +59,32 @@ pub struct UserArgs {
 pub struct HealthcheckArgs {
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub addr: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+/// How a client command reaches a keygate whose listener has TLS (an `https://` address).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientTlsArgs {
+    /// PEM CA certificate that signed keygate's certificate (needed for an https:// address).
+    #[arg(long, env = "KEYGATE_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate, for an admin listener that requires one (mTLS).
+    #[arg(
+        long,
+        env = "KEYGATE_CLIENT_CERT",
+        requires = "client_key",
+        global = true
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(
+        long,
+        env = "KEYGATE_CLIENT_KEY",
+        requires = "client_cert",
+        global = true
+    )]
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -180,6 +206,17 @@ pub struct ServeArgs {
     /// On SIGTERM, seconds in-flight RPCs get to finish.
     #[arg(long, env = "KEYGATE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+    /// PEM certificate chain: the main and admin listeners then speak TLS only (with
+    /// --tls-key). The metrics listener stays plain HTTP.
+    #[arg(long, env = "KEYGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "KEYGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): the admin listener then requires a client certificate signed by
+    /// one of them (mTLS). Needs --tls-cert.
+    #[arg(long, env = "KEYGATE_ADMIN_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub admin_tls_client_ca: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -225,8 +262,32 @@ mod tests {
             vec!["keygate", "--log-format", "xml"],
             vec!["keygate", "--cache-capacity", "0"],
             vec!["keygate", "--admin-user", "admin"],
+            vec!["keygate", "--tls-cert", "cert.pem"],
+            vec!["keygate", "--tls-key", "key.pem"],
+            vec!["keygate", "--admin-tls-client-ca", "ca.pem"],
+            vec!["keygate", "keys", "--client-cert", "c.pem", "list"],
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?} parsed");
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn client_tls_options_go_before_or_after_the_keys_subcommand() {
+        for args in [
+            vec!["keygate", "keys", "--ca-cert", "ca.pem", "list"],
+            vec!["keygate", "keys", "list", "--ca-cert", "ca.pem"],
+        ] {
+            let cli = Cli::try_parse_from(&args).unwrap();
+            let Some(Command::Keys(keys)) = cli.command else {
+                panic!("{args:?}")
+            };
+            assert_eq!(keys.tls.ca_cert, Some(PathBuf::from("ca.pem")));
         }
     }
 

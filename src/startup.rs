@@ -5,7 +5,10 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{service::Routes, transport::Server};
+use tonic::{
+    service::Routes,
+    transport::{Certificate, Identity, Server, ServerTlsConfig},
+};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -48,6 +51,85 @@ pub enum StartupError {
     Reflection(String),
     #[error("server failed: {0}")]
     Serve(String),
+    #[error("cannot read {path}: {source}")]
+    TlsFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM {what}")]
+    TlsPem {
+        path: std::path::PathBuf,
+        what: &'static str,
+    },
+    #[error("invalid TLS settings for the {listener} listener: {message}")]
+    Tls {
+        listener: &'static str,
+        message: String,
+    },
+}
+
+/// How long a client may take to complete its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS of the two gRPC listeners (`None`: plaintext), read and checked at build time.
+#[derive(Clone, Default)]
+struct ListenerTls {
+    main: Option<ServerTlsConfig>,
+    admin: Option<ServerTlsConfig>,
+}
+
+impl ListenerTls {
+    fn load(settings: &ServeArgs) -> Result<Self, StartupError> {
+        let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
+            return Ok(Self::default());
+        };
+        // Each file must hold the PEM blocks it is for: the TLS library's own complaint about
+        // a wrong file ("peer sent no certificates") would not say which file is wrong.
+        let read = |path: &std::path::PathBuf, what: &'static str, marker: &str| {
+            let pem = std::fs::read(path).map_err(|source| StartupError::TlsFile {
+                path: path.clone(),
+                source,
+            })?;
+            if String::from_utf8_lossy(&pem).contains(marker) {
+                Ok(pem)
+            } else {
+                Err(StartupError::TlsPem {
+                    path: path.clone(),
+                    what,
+                })
+            }
+        };
+        const CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----";
+        const PRIVATE_KEY: &str = "PRIVATE KEY-----";
+        let identity = Identity::from_pem(
+            read(cert, "certificate", CERTIFICATE)?,
+            read(key, "private key", PRIVATE_KEY)?,
+        );
+        let main = ServerTlsConfig::new()
+            .identity(identity)
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
+        let mut admin = main.clone();
+        if let Some(ca) = &settings.admin_tls_client_ca {
+            admin = admin.client_ca_root(Certificate::from_pem(read(
+                ca,
+                "CA certificate",
+                CERTIFICATE,
+            )?));
+        }
+        // Parse now: a bad certificate, key or CA is a start-up error, not failed handshakes.
+        for (listener, config) in [("main", &main), ("admin", &admin)] {
+            Server::builder()
+                .tls_config(config.clone())
+                .map_err(|error| StartupError::Tls {
+                    listener,
+                    message: crate::cli::error_chain(&error),
+                })?;
+        }
+        Ok(Self {
+            main: Some(main),
+            admin: Some(admin),
+        })
+    }
 }
 
 /// The use cases and shared state, built once per process.
@@ -114,6 +196,7 @@ impl Services {
 pub struct Application {
     settings: ServeArgs,
     services: Services,
+    tls: ListenerTls,
     main_listener: TcpListener,
     admin_listener: TcpListener,
     metrics_listener: TcpListener,
@@ -130,6 +213,7 @@ impl Application {
         settings: ServeArgs,
         store: DynStore,
     ) -> Result<Self, StartupError> {
+        let tls = ListenerTls::load(&settings)?;
         let services = Services::build(&settings, store)?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
@@ -142,6 +226,7 @@ impl Application {
             metrics_listener: bind(settings.metrics_listen).await?,
             settings,
             services,
+            tls,
         })
     }
 
@@ -170,6 +255,7 @@ impl Application {
         let Self {
             settings,
             services,
+            tls,
             main_listener,
             admin_listener,
             metrics_listener,
@@ -240,6 +326,8 @@ impl Application {
             main = %main_listener.local_addr().expect("bound"),
             admin = %admin_listener.local_addr().expect("bound"),
             metrics = %metrics_listener.local_addr().expect("bound"),
+            tls = tls.main.is_some(),
+            admin_client_certificates = settings.admin_tls_client_ca.is_some(),
             "keygate listening"
         );
 
@@ -249,22 +337,34 @@ impl Application {
                 let _ = stopping.wait_for(|stopped| *stopped).await;
             }
         };
-        let grpc_server = || {
-            Server::builder()
+        let grpc_server = |listener: &'static str, tls: Option<ServerTlsConfig>| {
+            let builder = Server::builder()
                 .tcp_nodelay(true)
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
-                .layer(tower::util::MapResponseLayer::new(
-                    crate::grpc::malformed::undecodable_is_invalid_argument,
-                ))
+                .http2_keepalive_interval(Some(Duration::from_secs(30)));
+            let builder = match tls {
+                Some(config) => builder
+                    .tls_config(config)
+                    .map_err(|error| StartupError::Tls {
+                        listener,
+                        message: crate::cli::error_chain(&error),
+                    })?,
+                None => builder,
+            };
+            Ok::<_, StartupError>(
+                builder
+                    .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
+                    .layer(tower::util::MapResponseLayer::new(
+                        crate::grpc::malformed::undecodable_is_invalid_argument,
+                    )),
+            )
         };
         let main_server = tokio::spawn(
-            grpc_server()
+            grpc_server("main", tls.main)?
                 .add_routes(main_routes)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(main_listener), closing()),
         );
         let admin_server = tokio::spawn(
-            grpc_server()
+            grpc_server("admin", tls.admin)?
                 .add_routes(admin_routes)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), closing()),
         );
