@@ -11,3 +11,4 @@ mod pg_cluster;
 mod races;
 mod restarts;
 mod support;
+mod tls;
