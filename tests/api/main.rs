@@ -10,5 +10,6 @@ mod hostile_input;
 mod pg_cluster;
 mod races;
 mod restarts;
+mod secret_leaks;
 mod support;
 mod tls;
