@@ -1,7 +1,11 @@
 //! The production store: Postgres through sqlx, with a LISTEN/NOTIFY change feed so replicas
 //! sharing the database hear about each other's key changes within milliseconds.
 
-use std::time::Duration;
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
 use sqlx::{
@@ -22,6 +26,41 @@ const KEY_COLUMNS: &str =
 pub struct PostgresStore {
     pool: PgPool,
     description: String,
+    breaker: Arc<Breaker>,
+}
+
+/// While the database is unreachable, each query would wait out the pool's acquire timeout
+/// (sqlx retries refused connections until then): 2 s for every uncached key, every KeyAdmin
+/// call. After a query finds the database unreachable, the others fail at once instead, and
+/// one query every `PROBE_EVERY` goes through to find out whether it is back.
+#[derive(Default)]
+struct Breaker {
+    /// When a query last tried the database while it was known to be down; `None` when up.
+    down: Mutex<Option<Instant>>,
+}
+
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+impl Breaker {
+    fn admit(&self) -> bool {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        match *down {
+            None => true,
+            Some(last) if last.elapsed() >= PROBE_EVERY => {
+                *down = Some(Instant::now());
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    fn record<T>(&self, result: &Result<T, StoreError>) {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        *down = match result {
+            Err(StoreError::Unavailable(_)) => Some(Instant::now()),
+            _ => None,
+        };
+    }
 }
 
 impl PostgresStore {
@@ -43,7 +82,26 @@ impl PostgresStore {
 
     /// Wraps an existing pool (tests use the per-test database `#[sqlx::test]` creates).
     pub fn from_pool(pool: PgPool, description: String) -> Self {
-        Self { pool, description }
+        Self {
+            pool,
+            description,
+            breaker: Arc::default(),
+        }
+    }
+
+    /// Runs a query unless the database is known to be down (see `Breaker`).
+    async fn guarded<T>(
+        &self,
+        query: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        if !self.breaker.admit() {
+            return Err(StoreError::Unavailable(
+                "the database was unreachable moments ago; waiting before the next attempt".into(),
+            ));
+        }
+        let result = query.await;
+        self.breaker.record(&result);
+        result
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -64,65 +122,83 @@ impl Store for PostgresStore {
             .map_err(super::migrate_error)
     }
 
+    /// Always tries (readiness probes it every second), and tells the breaker what it found.
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        let result = sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(StoreError::from);
+        self.breaker.record(&result);
+        result
     }
 
     async fn create_key(&self, key: NewKey) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let row: KeyRow = sqlx::query_as(&format!(
-            "INSERT INTO api_keys (name, secret_hash, created_at, expires_at, enabled, created_by)
-             VALUES ($1, $2, $3, $4, TRUE, $5) RETURNING {KEY_COLUMNS}"
-        ))
-        .bind(&key.name)
-        .bind(&key.secret_hash)
-        .bind(key.created_at)
-        .bind(key.expires_at)
-        .bind(&key.created_by)
-        .fetch_one(&mut *tx)
-        .await?;
-        // The first key locks basic auth out, in the same transaction. Concurrent creators
-        // serialise on the row lock; the loser's WHERE no longer matches, so locked_at is the
-        // first key's time.
-        sqlx::query(
-            "UPDATE auth_mode SET api_keys_enabled = TRUE, locked_at = $1 WHERE NOT api_keys_enabled",
-        )
-        .bind(key.created_at)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(row.into())
+        self.guarded(async {
+            let mut tx = self.pool.begin().await?;
+            let row: KeyRow = sqlx::query_as(&format!(
+                "INSERT INTO api_keys (name, secret_hash, created_at, expires_at, enabled, created_by)
+                 VALUES ($1, $2, $3, $4, TRUE, $5) RETURNING {KEY_COLUMNS}"
+            ))
+            .bind(&key.name)
+            .bind(&key.secret_hash)
+            .bind(key.created_at)
+            .bind(key.expires_at)
+            .bind(&key.created_by)
+            .fetch_one(&mut *tx)
+            .await?;
+            // The first key locks basic auth out, in the same transaction. Concurrent creators
+            // serialise on the row lock; the loser's WHERE no longer matches, so locked_at is the
+            // first key's time.
+            sqlx::query(
+                "UPDATE auth_mode SET api_keys_enabled = TRUE, locked_at = $1 WHERE NOT api_keys_enabled",
+            )
+            .bind(key.created_at)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(row.into())
+        })
+        .await
     }
 
     async fn get_key(&self, id: i64) -> Result<Option<KeyRecord>, StoreError> {
-        let row: Option<KeyRow> =
-            sqlx::query_as(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(Into::into))
+        self.guarded(async {
+            let row: Option<KeyRow> =
+                sqlx::query_as(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            Ok(row.map(Into::into))
+        })
+        .await
     }
 
     async fn get_keys(&self, ids: &[i64]) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows: Vec<KeyRow> = sqlx::query_as(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ANY($1)"
-        ))
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(Into::into).collect())
+        self.guarded(async {
+            let rows: Vec<KeyRow> = sqlx::query_as(&format!(
+                "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ANY($1)"
+            ))
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows.into_iter().map(Into::into).collect())
+        })
+        .await
     }
 
     async fn list_keys(&self, after_id: i64, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows: Vec<KeyRow> = sqlx::query_as(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE id > $1 ORDER BY id LIMIT $2"
-        ))
-        .bind(after_id)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(Into::into).collect())
+        self.guarded(async {
+            let rows: Vec<KeyRow> = sqlx::query_as(&format!(
+                "SELECT {KEY_COLUMNS} FROM api_keys WHERE id > $1 ORDER BY id LIMIT $2"
+            ))
+            .bind(after_id)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows.into_iter().map(Into::into).collect())
+        })
+        .await
     }
 
     async fn set_key_enabled(
@@ -130,68 +206,87 @@ impl Store for PostgresStore {
         id: i64,
         enabled: bool,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let row: Option<KeyRow> = sqlx::query_as(&format!(
-            "UPDATE api_keys SET enabled = $2 WHERE id = $1 RETURNING {KEY_COLUMNS}"
-        ))
-        .bind(id)
-        .bind(enabled)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(Into::into))
+        self.guarded(async {
+            let row: Option<KeyRow> = sqlx::query_as(&format!(
+                "UPDATE api_keys SET enabled = $2 WHERE id = $1 RETURNING {KEY_COLUMNS}"
+            ))
+            .bind(id)
+            .bind(enabled)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(row.map(Into::into))
+        })
+        .await
     }
 
     async fn delete_key(&self, id: i64) -> Result<bool, StoreError> {
-        let result = sqlx::query("DELETE FROM api_keys WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(result.rows_affected() > 0)
+        self.guarded(async {
+            let result = sqlx::query("DELETE FROM api_keys WHERE id = $1")
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+            Ok(result.rows_affected() > 0)
+        })
+        .await
     }
 
     async fn record_key_usage(&self, uses: &[(i64, DateTime<Utc>)]) -> Result<(), StoreError> {
-        if uses.is_empty() {
-            return Ok(());
-        }
-        let (ids, times): (Vec<i64>, Vec<DateTime<Utc>>) = uses.iter().copied().unzip();
-        sqlx::query(
-            "UPDATE api_keys AS k SET last_used_at = GREATEST(k.last_used_at, u.used_at)
-             FROM UNNEST($1::BIGINT[], $2::TIMESTAMPTZ[]) AS u(id, used_at)
-             WHERE k.id = u.id",
-        )
-        .bind(&ids)
-        .bind(&times)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.guarded(async {
+            if uses.is_empty() {
+                return Ok(());
+            }
+            let (ids, times): (Vec<i64>, Vec<DateTime<Utc>>) = uses.iter().copied().unzip();
+            sqlx::query(
+                "UPDATE api_keys AS k SET last_used_at = GREATEST(k.last_used_at, u.used_at)
+                 FROM UNNEST($1::BIGINT[], $2::TIMESTAMPTZ[]) AS u(id, used_at)
+                 WHERE k.id = u.id",
+            )
+            .bind(&ids)
+            .bind(&times)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn auth_mode(&self) -> Result<AuthMode, StoreError> {
-        let (api_keys_enabled, locked_at): (bool, Option<DateTime<Utc>>) =
-            sqlx::query_as("SELECT api_keys_enabled, locked_at FROM auth_mode")
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(AuthMode {
-            api_keys_enabled,
-            locked_at,
+        self.guarded(async {
+            let (api_keys_enabled, locked_at): (bool, Option<DateTime<Utc>>) =
+                sqlx::query_as("SELECT api_keys_enabled, locked_at FROM auth_mode")
+                    .fetch_one(&self.pool)
+                    .await?;
+            Ok(AuthMode {
+                api_keys_enabled,
+                locked_at,
+            })
         })
+        .await
     }
 
     async fn find_user(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
-        let row: Option<UserRow> =
-            sqlx::query_as("SELECT username, password_hash, active FROM users WHERE username = $1")
-                .bind(username)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(Into::into))
+        self.guarded(async {
+            let row: Option<UserRow> = sqlx::query_as(
+                "SELECT username, password_hash, active FROM users WHERE username = $1",
+            )
+            .bind(username)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(row.map(Into::into))
+        })
+        .await
     }
 
     async fn create_user(&self, username: &str, password_hash: &str) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO users (username, password_hash) VALUES ($1, $2)")
-            .bind(username)
-            .bind(password_hash)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.guarded(async {
+            sqlx::query("INSERT INTO users (username, password_hash) VALUES ($1, $2)")
+                .bind(username)
+                .bind(password_hash)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn set_user_password(
@@ -199,19 +294,25 @@ impl Store for PostgresStore {
         username: &str,
         password_hash: &str,
     ) -> Result<bool, StoreError> {
-        let result = sqlx::query("UPDATE users SET password_hash = $2 WHERE username = $1")
-            .bind(username)
-            .bind(password_hash)
-            .execute(&self.pool)
-            .await?;
-        Ok(result.rows_affected() > 0)
+        self.guarded(async {
+            let result = sqlx::query("UPDATE users SET password_hash = $2 WHERE username = $1")
+                .bind(username)
+                .bind(password_hash)
+                .execute(&self.pool)
+                .await?;
+            Ok(result.rows_affected() > 0)
+        })
+        .await
     }
 
     async fn count_users(&self) -> Result<i64, StoreError> {
-        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM users")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(count)
+        self.guarded(async {
+            let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM users")
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(count)
+        })
+        .await
     }
 
     async fn subscribe(&self) -> Option<mpsc::Receiver<StoreChange>> {
@@ -293,6 +394,21 @@ fn parse_change(payload: &str) -> Option<StoreChange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_breaker_fails_fast_while_down_and_lets_a_probe_through() {
+        let breaker = Breaker::default();
+        assert!(breaker.admit() && breaker.admit(), "up: everything goes through");
+        breaker.record::<()>(&Err(StoreError::Unavailable("refused".into())));
+        assert!(!breaker.admit(), "down: fail fast");
+        std::thread::sleep(PROBE_EVERY);
+        assert!(breaker.admit(), "one probe after the interval");
+        assert!(!breaker.admit(), "only one");
+        breaker.record::<()>(&Err(StoreError::Internal("a bad query".into())));
+        assert!(breaker.admit(), "the database answered: up again");
+        breaker.record(&Ok(()));
+        assert!(breaker.admit());
+    }
 
     #[test]
     fn change_payloads() {
