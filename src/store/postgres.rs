@@ -342,7 +342,10 @@ async fn listen_for_changes(pool: PgPool, sender: mpsc::Sender<StoreChange>) {
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?backoff, "cannot LISTEN for key changes");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                // Capped at 1 s: each attempt also waits out the pool's 2 s acquire timeout
+                // while the database is down, so the change feed is back (and re-validates the
+                // cache) within about 3 s of the database, however long it was away.
+                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
