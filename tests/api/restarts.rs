@@ -85,8 +85,9 @@ async fn rolling_restarts_under_load_lose_no_request(pool: sqlx::PgPool) {
     let backend = TestBackend::postgres(pool);
     let url = backend.url();
     let dir = tempfile::tempdir().unwrap();
-    // NOT_SERVING for 2 s before closing: four of Envoy's 0.5 s health checks.
-    let env = [("KEYGATE_SHUTDOWN_DELAY_SECS", "2")];
+    // NOT_SERVING for 3 s before closing: six of Envoy's 0.5 s health checks, of which it
+    // needs two to take the replica out.
+    let env = [("KEYGATE_SHUTDOWN_DELAY_SECS", "3")];
     let addrs = [
         [free_addr(), free_addr(), free_addr()],
         [free_addr(), free_addr(), free_addr()],
