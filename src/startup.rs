@@ -495,12 +495,18 @@ async fn prepare_store(services: &Services, settings: &ServeArgs) -> Result<(), 
     Ok(())
 }
 
+/// How soon a re-validation that failed (the store unreachable) is tried again.
+const REVALIDATE_RETRY: Duration = Duration::from_secs(1);
+
 /// Applies other replicas' changes (Postgres LISTEN/NOTIFY) and re-validates every cached key
-/// periodically and after the change feed reconnects.
+/// periodically and after the change feed reconnects. A re-validation that fails is retried
+/// every `REVALIDATE_RETRY` until one succeeds: the one after a reconnect is what catches up on
+/// the notifications the feed missed, so it must not be lost to a store error.
 async fn apply_store_changes(services: Arc<Services>, revalidate_every: Duration) {
     let mut changes = services.store.subscribe().await;
     let mut ticker = tokio::time::interval(revalidate_every);
     ticker.tick().await;
+    let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
         let change = async {
             match changes.as_mut() {
@@ -508,37 +514,57 @@ async fn apply_store_changes(services: Arc<Services>, revalidate_every: Duration
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let retry = async {
+            match failing_since {
+                Some(_) => tokio::time::sleep(REVALIDATE_RETRY).await,
+                None => std::future::pending().await,
+            }
+        };
+        let revalidation = tokio::select! {
             _ = ticker.tick() => revalidate(&services).await,
+            _ = retry => revalidate(&services).await,
             change = change => match change {
                 // Counted once applied: a reader of the counter may rely on the change.
                 Some(StoreChange::Key(id)) => {
                     services.cache.invalidate_key(id);
                     services.metrics.store_changes.inc();
+                    continue;
                 }
                 Some(StoreChange::AuthMode) => {
                     services.authorizer.note_lockout();
                     services.metrics.store_changes.inc();
+                    continue;
                 }
                 Some(StoreChange::Resync) => revalidate(&services).await,
-                None => changes = None,
+                None => {
+                    changes = None;
+                    continue;
+                }
             },
+        };
+        match (revalidation, failing_since) {
+            (Ok(()), Some(since)) => {
+                tracing::info!(failed_for = ?since.elapsed(), "re-validated the cached keys");
+                failing_since = None;
+            }
+            (Ok(()), None) => {}
+            (Err(error), None) => {
+                tracing::warn!(%error, retry_in = ?REVALIDATE_RETRY, "cannot re-validate cached keys; keeping them");
+                failing_since = Some(tokio::time::Instant::now());
+            }
+            (Err(error), Some(_)) => {
+                tracing::debug!(%error, "cannot re-validate cached keys yet")
+            }
         }
     }
 }
 
 /// Compares every cached key with the store and drops the entries that changed. On a store
 /// error the entries stay: while the database is down nobody can change a key anyway.
-async fn revalidate(services: &Services) {
+async fn revalidate(services: &Services) -> Result<(), StoreError> {
     let ids = services.cache.cached_key_ids();
     for chunk in ids.chunks(1000) {
-        let current = match services.store.get_keys(chunk).await {
-            Ok(records) => records,
-            Err(error) => {
-                tracing::warn!(%error, "cannot re-validate cached keys; keeping them");
-                return;
-            }
-        };
+        let current = services.store.get_keys(chunk).await?;
         for id in chunk {
             let fresh = current.iter().find(|record| record.id == *id);
             let Some(entry) = services.cache.key(*id) else {
@@ -560,6 +586,7 @@ async fn revalidate(services: &Services) {
             }
         }
     }
+    Ok(())
 }
 
 async fn flush_usage(services: Arc<Services>, mut stopping: watch::Receiver<bool>) {
