@@ -401,7 +401,10 @@ mod tests {
     #[test]
     fn the_breaker_fails_fast_while_down_and_lets_a_probe_through() {
         let breaker = Breaker::default();
-        assert!(breaker.admit() && breaker.admit(), "up: everything goes through");
+        assert!(
+            breaker.admit() && breaker.admit(),
+            "up: everything goes through"
+        );
         breaker.record::<()>(&Err(StoreError::Unavailable("refused".into())));
         assert!(!breaker.admit(), "down: fail fast");
         std::thread::sleep(PROBE_EVERY);
