@@ -2,5 +2,7 @@
 //! server on random ports and a real store.
 
 mod helpers;
+mod processes;
 
 mod authorize;
+mod envoy;
