@@ -2,6 +2,8 @@
 //! server on random ports and a real store.
 
 mod helpers;
+mod processes;
 
 mod authorize;
+mod envoy;
 mod readme;
