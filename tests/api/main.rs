@@ -2,5 +2,10 @@
 //! server on random ports and a real store.
 
 mod helpers;
+mod process;
 
 mod authorize;
+mod cli;
+mod grpcurl;
+mod key_admin;
+mod lockout;
