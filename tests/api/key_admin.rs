@@ -169,6 +169,30 @@ async fn create_key_returns_the_clear_key_exactly_once(backend: TestBackend) {
         .into_inner();
     assert_eq!(fetched, expiring);
 
+    // The latest expiry protobuf can carry round-trips through both stores.
+    let (far, _) = app
+        .create_key_expiring(
+            "far future",
+            Some(prost_types::Timestamp {
+                seconds: 253_402_300_799,
+                nanos: 999_999_999,
+            }),
+        )
+        .await;
+    let far_expiry = prost_types::Timestamp {
+        seconds: 253_402_300_799,
+        nanos: 999_999_000,
+    };
+    assert_eq!(far.expires_at, Some(far_expiry));
+    let fetched = app
+        .admin
+        .clone()
+        .get_key(GetKeyRequest { id: far.id })
+        .await
+        .expect("GetKey")
+        .into_inner();
+    assert_eq!(fetched, far);
+
     // 128 characters (not bytes) is the limit, on both stores.
     let (long, _) = app.create_key(&"é".repeat(128)).await;
     assert_eq!(long.name.chars().count(), 128);
@@ -223,7 +247,15 @@ async fn bad_arguments_are_invalid_argument_and_change_nothing(backend: TestBack
             Code::InvalidArgument,
             &["name", "at most 128"],
         );
-        for control in ["bell\u{7}", "line\nbreak", "tab\tinside", "nul\0"] {
+        for control in [
+            "bell\u{7}",
+            "line\nbreak",
+            "tab\tinside",
+            "nul\0",
+            "del\u{7f}",
+            "line\u{2028}separator",
+            "right-to-left \u{202E}override",
+        ] {
             assert_error(
                 create(control, None).await,
                 Code::InvalidArgument,
@@ -321,34 +353,35 @@ async fn bad_arguments_are_invalid_argument_and_change_nothing(backend: TestBack
         );
     }
     // Unknown ids.
-    let unknown = key.id + 1000;
-    let needle = unknown.to_string();
-    assert_error(
-        admin.clone().get_key(GetKeyRequest { id: unknown }).await,
-        Code::NotFound,
-        &[&needle],
-    );
-    for enabled in [true, false] {
+    for unknown in [key.id + 1000, i64::MAX] {
+        let needle = unknown.to_string();
+        assert_error(
+            admin.clone().get_key(GetKeyRequest { id: unknown }).await,
+            Code::NotFound,
+            &[&needle],
+        );
+        for enabled in [true, false] {
+            assert_error(
+                admin
+                    .clone()
+                    .set_key_enabled(SetKeyEnabledRequest {
+                        id: unknown,
+                        enabled,
+                    })
+                    .await,
+                Code::NotFound,
+                &[&needle],
+            );
+        }
         assert_error(
             admin
                 .clone()
-                .set_key_enabled(SetKeyEnabledRequest {
-                    id: unknown,
-                    enabled,
-                })
+                .delete_key(DeleteKeyRequest { id: unknown })
                 .await,
             Code::NotFound,
             &[&needle],
         );
     }
-    assert_error(
-        admin
-            .clone()
-            .delete_key(DeleteKeyRequest { id: unknown })
-            .await,
-        Code::NotFound,
-        &[&needle],
-    );
 
     assert_eq!(all_keys(&admin).await, keys_before);
     assert_eq!(mode(admin.clone()).await, mode_before);
@@ -768,3 +801,151 @@ both_backends!(
     every_rpc_requires_an_operator,
     last_used_at_is_set_after_a_successful_use,
 );
+
+/// A TCP proxy in front of Postgres that the test can cut (every connection dropped, new ones
+/// closed at once) and restore: the database becomes unreachable the way a network failure
+/// makes it, without touching the shared Postgres server.
+struct CuttableProxy {
+    addr: std::net::SocketAddr,
+    up: tokio::sync::watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableProxy {
+    async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().unwrap();
+        let (up, _) = tokio::sync::watch::channel(true);
+        let state = up.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*state.borrow() {
+                    continue;
+                }
+                let mut cut = state.subscribe();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up, accept }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+impl Drop for CuttableProxy {
+    fn drop(&mut self) {
+        self.set_up(false);
+        self.accept.abort();
+    }
+}
+
+/// SPEC 4: store down → UNAVAILABLE, on every RPC, with no SQL in the message; and back to
+/// normal, with nothing half-done, once the database is reachable again. Postgres only: the
+/// embedded SQLite file cannot become unreachable.
+#[sqlx::test(migrations = false)]
+async fn key_admin_is_unavailable_while_postgres_is_unreachable(pool: sqlx::PgPool) {
+    use keygate::{startup::Application, store::PostgresStore};
+
+    let options = pool.connect_options();
+    let proxy =
+        CuttableProxy::start(format!("{}:{}", options.get_host(), options.get_port())).await;
+    let via_proxy = (*options).clone().host("127.0.0.1").port(proxy.addr.port());
+    // The pool settings of PostgresStore::connect, through the proxy.
+    let store_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy_with(via_proxy);
+    let store = std::sync::Arc::new(PostgresStore::from_pool(store_pool, "via proxy".into()));
+    let app = Application::build_with_store(crate::helpers::test_settings(), store)
+        .await
+        .expect("build keygate");
+    let admin_addr = app.admin_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    crate::helpers::wait_until_serving(admin_addr).await;
+    let admin = admin_client(admin_addr, Some((ADMIN_USER, ADMIN_PASSWORD))).await;
+    let (key, _) = {
+        let created = admin
+            .clone()
+            .create_key(CreateKeyRequest {
+                name: "before the outage".into(),
+                expires_at: None,
+            })
+            .await
+            .expect("CreateKey")
+            .into_inner();
+        (created.key.unwrap(), created.secret)
+    };
+    let keys_before = all_keys(&admin).await;
+
+    proxy.set_up(false);
+    let mut calls = tokio::task::JoinSet::new();
+    let id = key.id;
+    macro_rules! spawn_call {
+        ($name:literal, |$c:ident| $call:expr) => {{
+            let mut $c = admin.clone();
+            calls.spawn(async move { ($name, $call.await.map(drop)) });
+        }};
+    }
+    spawn_call!("CreateKey", |c| c.create_key(CreateKeyRequest {
+        name: "during the outage".into(),
+        expires_at: None,
+    }));
+    spawn_call!("GetKey", |c| c.get_key(GetKeyRequest { id }));
+    spawn_call!("ListKeys", |c| c.list_keys(ListKeysRequest::default()));
+    spawn_call!("SetKeyEnabled", |c| c
+        .set_key_enabled(SetKeyEnabledRequest { id, enabled: false }));
+    spawn_call!("DeleteKey", |c| c.delete_key(DeleteKeyRequest { id }));
+    spawn_call!("GetAuthMode", |c| c.get_auth_mode(GetAuthModeRequest {}));
+    while let Some(joined) = calls.join_next().await {
+        let (rpc, result) = joined.expect("call task");
+        let status = result.expect_err(rpc);
+        assert_eq!(status.code(), Code::Unavailable, "{rpc}: {status:?}");
+        let message = status.message().to_lowercase();
+        for leak in [
+            "select",
+            "insert",
+            "update",
+            "delete from",
+            "sqlx",
+            "$argon2",
+        ] {
+            assert!(!message.contains(leak), "{rpc}: {status:?}");
+        }
+    }
+
+    proxy.set_up(true);
+    let keys_after = eventually(Duration::from_secs(30), "KeyAdmin recovers", || {
+        let mut admin = admin.clone();
+        async move {
+            let page = admin.list_keys(ListKeysRequest::default()).await.ok()?;
+            Some(page.into_inner().keys)
+        }
+    })
+    .await;
+    assert_eq!(
+        keys_after, keys_before,
+        "nothing was half-done during the outage"
+    );
+    let _ = stop.send(());
+    server
+        .await
+        .expect("server task")
+        .expect("keygate stopped cleanly");
+}
