@@ -777,6 +777,11 @@ async fn last_used_at_is_set_after_a_successful_use(backend: TestBackend) {
         async move { fetched.await.last_used_at }
     })
     .await;
+    assert_eq!(
+        last_used.nanos % 1000,
+        0,
+        "microseconds, as every timestamp on both stores"
+    );
     let last_used = to_time(&last_used);
     assert!((before..=after).contains(&last_used), "{last_used}");
     let unused_now = get(&app, unused.id).await;
