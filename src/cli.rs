@@ -72,11 +72,13 @@ pub async fn run_healthcheck(args: HealthcheckArgs) -> CliResult {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let channel = Channel::from_shared(args.addr)?
-        .connect_timeout(std::time::Duration::from_secs(2))
-        .timeout(std::time::Duration::from_secs(2))
-        .connect()
-        .await?;
+    let channel = connect(
+        &args.addr,
+        "--addr",
+        "http://127.0.0.1:50051",
+        std::time::Duration::from_secs(2),
+    )
+    .await?;
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: String::new(),
@@ -88,6 +90,35 @@ pub async fn run_healthcheck(args: HealthcheckArgs) -> CliResult {
     } else {
         Err(format!("not serving: {:?}", response.status()).into())
     }
+}
+
+/// Connects to a keygate listener. tonic's own error says only "transport error"; this one
+/// names the address and the cause (connection refused, bad URL, timeout).
+async fn connect(
+    addr: &str,
+    flag: &str,
+    example: &str,
+    timeout: std::time::Duration,
+) -> Result<Channel, String> {
+    let endpoint = Channel::from_shared(addr.to_owned())
+        .map_err(|e| format!("{flag} {addr:?} is not a URL ({e}); example: {example}"))?;
+    if endpoint.uri().scheme().is_none() {
+        return Err(format!("{flag} {addr:?} has no scheme; example: {example}"));
+    }
+    endpoint
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|error| {
+            let mut message = format!("cannot connect to {addr}");
+            let mut source: Option<&dyn std::error::Error> = Some(&error);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            message
+        })
 }
 
 #[derive(Debug, Args)]
@@ -155,9 +186,13 @@ pub async fn run_keys_command(args: KeysArgs) -> CliResult {
         password.expose_secret()
     ));
     let header: MetadataValue<_> = format!("Basic {credentials}").parse()?;
-    let channel = Channel::from_shared(args.admin_addr.clone())?
-        .connect()
-        .await?;
+    let channel = connect(
+        &args.admin_addr,
+        "--admin-addr",
+        "http://127.0.0.1:50052",
+        std::time::Duration::from_secs(30),
+    )
+    .await?;
     let mut client = KeyAdminClient::with_interceptor(channel, move |mut request: Request<()>| {
         request
             .metadata_mut()

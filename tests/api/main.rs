@@ -2,8 +2,13 @@
 //! server on random ports and a real store.
 
 mod helpers;
+mod process;
 mod processes;
 
 mod authorize;
+mod cli;
 mod envoy;
+mod grpcurl;
+mod key_admin;
+mod lockout;
 mod readme;
