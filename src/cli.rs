@@ -74,8 +74,10 @@ pub async fn run_healthcheck(args: HealthcheckArgs) -> CliResult {
     };
     let channel = connect(
         &args.addr,
+        "--addr",
+        "http://127.0.0.1:50051",
+        std::time::Duration::from_secs(2),
         &args.tls,
-        Some(std::time::Duration::from_secs(2)),
     )
     .await?;
     let response = HealthClient::new(channel)
@@ -91,23 +93,26 @@ pub async fn run_healthcheck(args: HealthcheckArgs) -> CliResult {
     }
 }
 
-/// A channel to a keygate listener: plaintext for `http://`, TLS for `https://` (verified
+/// Connects to a keygate listener: plaintext for `http://`, TLS for `https://` (verified
 /// against --ca-cert, with --client-cert/--client-key for an admin listener that wants them).
+/// tonic's own error says only "transport error"; this one names the address and the cause
+/// (connection refused, bad URL, timeout, certificate).
 pub async fn connect(
     addr: &str,
+    flag: &str,
+    example: &str,
+    timeout: std::time::Duration,
     tls: &ClientTlsArgs,
-    timeout: Option<std::time::Duration>,
-) -> Result<Channel, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<Channel, String> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut endpoint = Channel::from_shared(addr.to_owned())
+        .map_err(|e| format!("{flag} {addr:?} is not a URL ({e}); example: {example}"))?;
+    if endpoint.uri().scheme().is_none() {
+        return Err(format!("{flag} {addr:?} has no scheme; example: {example}"));
+    }
     let read = |path: &std::path::PathBuf| {
         std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
     };
-    let mut endpoint = Channel::from_shared(addr.to_owned())
-        .map_err(|e| format!("invalid address {addr:?}: {e}"))?
-        .connect_timeout(timeout.unwrap_or(std::time::Duration::from_secs(5)));
-    if let Some(timeout) = timeout {
-        endpoint = endpoint.timeout(timeout);
-    }
     if addr.starts_with("https://") {
         let ca = tls.ca_cert.as_ref().ok_or(
             "an https:// address needs --ca-cert (the CA that signed keygate's certificate)",
@@ -123,9 +128,11 @@ pub async fn connect(
         return Err("--ca-cert and --client-cert need an https:// address".into());
     }
     endpoint
+        .connect_timeout(timeout)
+        .timeout(timeout)
         .connect()
         .await
-        .map_err(|e| format!("cannot connect to {addr}: {}", error_chain(&e)).into())
+        .map_err(|error| format!("cannot connect to {addr}: {}", error_chain(&error)))
 }
 
 /// An error and its sources, as one line (tonic's transport errors say little on their own).
@@ -207,7 +214,14 @@ pub async fn run_keys_command(args: KeysArgs) -> CliResult {
         password.expose_secret()
     ));
     let header: MetadataValue<_> = format!("Basic {credentials}").parse()?;
-    let channel = connect(&args.admin_addr, &args.tls, None).await?;
+    let channel = connect(
+        &args.admin_addr,
+        "--admin-addr",
+        "http://127.0.0.1:50052",
+        std::time::Duration::from_secs(30),
+        &args.tls,
+    )
+    .await?;
     let mut client = KeyAdminClient::with_interceptor(channel, move |mut request: Request<()>| {
         request
             .metadata_mut()

@@ -19,6 +19,9 @@ pub struct UsageRecorder {
 
 impl UsageRecorder {
     pub fn record(&self, id: i64, at: DateTime<Utc>) {
+        // Microseconds, like every other timestamp: Postgres keeps no more, and SQLite (which
+        // would keep nanoseconds as text) must report the same value.
+        let at = chrono::SubsecRound::trunc_subsecs(at, 6);
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let slot = pending.entry(id).or_insert(at);
         if *slot < at {

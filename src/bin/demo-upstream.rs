@@ -33,18 +33,21 @@ async fn metrics() -> String {
     )
 }
 
+/// A header sent more than once is echoed once, its values joined with `, ` (as HTTP allows),
+/// so a duplicate (say a client's forged `x-keygate-key-id` next to Envoy's) stays visible.
 async fn headers(headers: HeaderMap) -> Json<BTreeMap<String, String>> {
-    Json(
-        headers
-            .iter()
-            .map(|(name, value)| {
-                (
-                    name.as_str().to_owned(),
-                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                )
+    let mut echoed = BTreeMap::<String, String>::new();
+    for (name, value) in &headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        echoed
+            .entry(name.as_str().to_owned())
+            .and_modify(|joined| {
+                joined.push_str(", ");
+                joined.push_str(&value);
             })
-            .collect(),
-    )
+            .or_insert_with(|| value.into_owned());
+    }
+    Json(echoed)
 }
 
 #[tokio::main]

@@ -32,8 +32,10 @@ impl KeyName {
                 "name must be at most {MAX_NAME_CHARS} characters, got {chars}"
             )));
         }
-        if name.chars().any(char::is_control) {
-            return Err(invalid("name must be printable (no control characters)"));
+        if name.chars().any(is_unprintable) {
+            return Err(invalid(
+                "name must be printable (no control, line separator or bidirectional control characters)",
+            ));
         }
         Ok(Self(name.to_owned()))
     }
@@ -45,6 +47,25 @@ impl KeyName {
     pub fn into_inner(self) -> String {
         self.0
     }
+}
+
+/// Characters a name must not contain: controls (C0, DEL, C1), the Unicode line and paragraph
+/// separators (a line break by another name), and the invisible bidirectional controls that
+/// make text display differently from what it is ("Trojan Source"). Joiners stay allowed:
+/// emoji sequences need them.
+fn is_unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}'
+                | '\u{2029}'
+                | '\u{061C}'
+                | '\u{200E}'
+                | '\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{FEFF}'
+        )
 }
 
 /// A key's expiry: absent (never) or strictly in the future. Truncated to microseconds, the
@@ -193,6 +214,18 @@ mod tests {
         assert!(KeyName::parse("a\u{7}b").is_err());
         assert!(KeyName::parse("line\nbreak").is_err());
         assert!(KeyName::parse("emoji 🔑 ok").is_ok());
+        assert!(KeyName::parse("family 👨\u{200D}👩\u{200D}👧").is_ok());
+        for unprintable in [
+            "a\u{7f}b",
+            "a\u{85}b",
+            "a\u{2028}b",
+            "a\u{2029}b",
+            "admin\u{202E}txt.exe",
+            "a\u{2066}b",
+            "a\u{FEFF}b",
+        ] {
+            assert!(KeyName::parse(unprintable).is_err(), "{unprintable:?}");
+        }
     }
 
     #[test]

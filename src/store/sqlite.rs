@@ -34,12 +34,28 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let description = options.get_filename().display().to_string();
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await?;
+        let filename = options.get_filename().to_owned();
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        if !in_memory && let Some(parent) = filename.parent().filter(|p| !p.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Internal(format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+        let description = filename.display().to_string();
+        let pool = if in_memory {
+            // Every connection to `:memory:` is a database of its own: keep exactly one, forever.
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+        } else {
+            SqlitePoolOptions::new().max_connections(8)
+        }
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await?;
         Ok(Self { pool, description })
     }
 

@@ -2,13 +2,21 @@
 //! server on random ports and a real store.
 
 mod helpers;
+mod process;
+mod processes;
 
 mod authorize;
 mod brute_force;
+mod cli;
 mod db_outage;
+mod envoy;
+mod grpcurl;
 mod hostile_input;
+mod key_admin;
+mod lockout;
 mod pg_cluster;
 mod races;
+mod readme;
 mod restarts;
 mod secret_leaks;
 mod support;
