@@ -9,7 +9,6 @@ use keygate::grpc::proto::DenyReason;
 use crate::{
     both_backends,
     helpers::{TestApp, TestBackend, bearer, spawn_app_with},
-    support::metric_value,
 };
 
 const BURST: u32 = 5;
@@ -19,10 +18,8 @@ const CONCURRENCY: usize = 16;
 const ATTACKER: &str = "198.51.100.7";
 
 async fn argon2_mismatches(app: &TestApp) -> f64 {
-    metric_value(
-        &app.metrics().await,
-        "keygate_argon2_verifications_total{result=\"mismatch\"}",
-    )
+    app.metric("keygate_argon2_verifications_total{result=\"mismatch\"}")
+        .await
 }
 
 /// A well-formed key for `id` (valid checksum) with a random part nobody was given: only

@@ -4,7 +4,7 @@
 //!
 //! These run the debug binary cargo builds for the tests (`CARGO_BIN_EXE_keygate`).
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path};
 
 use keygate::grpc::proto::{DenyReason, GetAuthModeRequest, GetKeyRequest};
 use serde_json::{Value, json};
@@ -17,7 +17,7 @@ use crate::{
     helpers::{
         ADMIN_PASSWORD, ADMIN_USER, TestBackend, admin_client, basic, bearer, free_port, spawn_app,
     },
-    process::{ChildGuard, Finished, keygate_command, run},
+    processes::{Finished, KeygateProcess, free_addr, keygate_command, run},
 };
 
 fn temp_dir() -> TempDir {
@@ -394,91 +394,11 @@ async fn bad_settings_fail_at_start_up_naming_the_setting() {
     );
 }
 
-/// A `keygate` server process with every setting from flags and the environment it is given.
-struct ServerProcess {
-    child: ChildGuard,
-    main_addr: SocketAddr,
-    admin_addr: SocketAddr,
-    log: std::path::PathBuf,
-}
-
-impl ServerProcess {
-    fn start(working_dir: &Path, log: std::path::PathBuf) -> Self {
-        let addr = || SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let (main_addr, admin_addr, metrics_addr) = (addr(), addr(), addr());
-        let mut command = keygate_command(working_dir);
-        command
-            .env("KEYGATE_ADMIN_USER", ADMIN_USER)
-            .env("KEYGATE_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("RUST_LOG", "debug")
-            .args(["--listen", &main_addr.to_string()])
-            .args(["--admin-listen", &admin_addr.to_string()])
-            .args(["--metrics-listen", &metrics_addr.to_string()])
-            .stdin(std::process::Stdio::null());
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
-        command
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file);
-        Self {
-            child: ChildGuard::spawn(command, "keygate"),
-            main_addr,
-            admin_addr,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for SERVING on the admin listener, failing fast (with the log) if it exits.
-    async fn wait_until_serving(&mut self) {
-        use tonic_health::pb::{
-            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.exited() {
-                panic!("keygate exited with {status}:\n{}", self.log());
-            }
-            let channel =
-                tonic::transport::Channel::from_shared(format!("http://{}", self.admin_addr))
-                    .unwrap()
-                    .connect_timeout(Duration::from_secs(2))
-                    .connect()
-                    .await;
-            if let Ok(channel) = channel {
-                let status = HealthClient::new(channel)
-                    .check(HealthCheckRequest::default())
-                    .await
-                    .map(|r| r.into_inner().status());
-                if matches!(status, Ok(ServingStatus::Serving)) {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "keygate never became SERVING:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// SIGTERM, then a clean exit.
-    async fn stop(mut self) -> String {
-        let status = self.child.terminate(Duration::from_secs(30)).await;
-        assert!(
-            status.success(),
-            "keygate exited with {status}:\n{}",
-            self.log()
-        );
-        self.log()
-    }
+/// A bare `keygate` (no subcommand, no database setting) in `working_dir`, on free loopback
+/// ports, logging at debug level to `log`.
+fn bare_keygate(working_dir: &Path, log: &Path) -> KeygateProcess {
+    let addrs = [free_addr(), free_addr(), free_addr()];
+    KeygateProcess::start(working_dir, log, &[], addrs, &[("RUST_LOG", "debug")])
 }
 
 /// Issue #5: one command, no database configured, and keys survive a restart.
@@ -490,10 +410,10 @@ async fn a_bare_keygate_keeps_its_keys_in_keygate_db_in_its_working_directory() 
     let op = operator();
     let op = Some(op.as_str());
 
-    let mut server = ServerProcess::start(dir.path(), log.clone());
-    server.wait_until_serving().await;
+    let mut server = bare_keygate(dir.path(), &log);
+    server.wait_serving().await;
     let created = call_ok(
-        server.admin_addr,
+        server.admin,
         op,
         "keygate.v1.KeyAdmin/CreateKey",
         json!({"name": "survivor"}),
@@ -510,11 +430,11 @@ async fn a_bare_keygate_keeps_its_keys_in_keygate_db_in_its_working_directory() 
         )
         .await
     };
-    let allowed = authorize(server.main_addr, bearer(&secret)).await;
+    let allowed = authorize(server.main, bearer(&secret)).await;
     assert_eq!(allowed["allowed"], true, "{allowed}");
     assert_eq!(int64(&allowed["keyId"]), id);
     let mode = call_ok(
-        server.admin_addr,
+        server.admin,
         op,
         "keygate.v1.KeyAdmin/GetAuthMode",
         json!({}),
@@ -532,10 +452,10 @@ async fn a_bare_keygate_keeps_its_keys_in_keygate_db_in_its_working_directory() 
             .collect::<Vec<_>>()
     );
 
-    let mut server = ServerProcess::start(dir.path(), log.clone());
-    server.wait_until_serving().await;
+    let mut server = bare_keygate(dir.path(), &log);
+    server.wait_serving().await;
     let got = call_ok(
-        server.admin_addr,
+        server.admin,
         op,
         "keygate.v1.KeyAdmin/GetKey",
         json!({"id": id}),
@@ -555,7 +475,7 @@ async fn a_bare_keygate_keeps_its_keys_in_keygate_db_in_its_working_directory() 
     assert_eq!(got, created["key"]);
     assert_eq!(
         call_ok(
-            server.admin_addr,
+            server.admin,
             op,
             "keygate.v1.KeyAdmin/GetAuthMode",
             json!({})
@@ -563,15 +483,15 @@ async fn a_bare_keygate_keeps_its_keys_in_keygate_db_in_its_working_directory() 
         .await,
         mode
     );
-    let allowed = authorize(server.main_addr, bearer(&secret)).await;
+    let allowed = authorize(server.main, bearer(&secret)).await;
     assert_eq!(allowed["allowed"], true, "{allowed}");
-    let denied = authorize(server.main_addr, basic(ADMIN_USER, ADMIN_PASSWORD)).await;
+    let denied = authorize(server.main, basic(ADMIN_USER, ADMIN_PASSWORD)).await;
     assert_eq!(
         denied["reason"], "INVALID_CREDENTIALS",
         "the lockout survived"
     );
     let wrong = call(
-        server.admin_addr,
+        server.admin,
         Some(&basic(ADMIN_USER, "wrong")),
         "keygate.v1.KeyAdmin/GetAuthMode",
         json!({}),

@@ -15,7 +15,8 @@ use crate::{
         ADMIN_PASSWORD, ADMIN_USER, TestApp, TestBackend, basic, bearer, spawn_app, spawn_app_with,
         timestamp_in,
     },
-    processes::{DemoUpstream, EnvoyProcess, HttpResponse, PrometheusProcess, curl},
+    http::{HttpResponse, curl},
+    processes::{DemoUpstream, EnvoyProcess, PrometheusProcess},
 };
 
 /// keygate (in-process, so the test can stop it), the demo upstream, and Envoy in front.

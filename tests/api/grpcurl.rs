@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::{
     both_backends,
     helpers::{ADMIN_PASSWORD, ADMIN_USER, TestBackend, basic, bearer, spawn_app, tool},
-    process::{Finished, run},
+    processes::{Finished, run},
 };
 
 /// Runs grpcurl with `args` (plaintext, bounded in time, clean environment).

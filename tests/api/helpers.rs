@@ -21,8 +21,11 @@ use secrecy::SecretString;
 use tempfile::TempDir;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{
-    Request, Status, metadata::MetadataValue, service::interceptor::InterceptedService,
+    Code, Request, Status, metadata::MetadataValue, service::interceptor::InterceptedService,
     transport::Channel,
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
 pub const ADMIN_USER: &str = "admin";
@@ -214,33 +217,113 @@ pub async fn admin_client_with_header(addr: SocketAddr, header: &str) -> AdminCl
     )
 }
 
+/// Waits until keygate at `addr` reports SERVING.
 pub async fn wait_until_serving(addr: SocketAddr) {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    wait_for(
+        &format!("keygate at {addr} SERVING"),
+        Duration::from_secs(30),
+        || async move { health(addr, "").await == Some(ServingStatus::Serving) },
+    )
+    .await;
+}
+
+/// The health of `service` at `addr`, or `None` when nothing answers.
+pub async fn health(addr: SocketAddr, service: &str) -> Option<ServingStatus> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .ok()?;
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .ok()
+        .map(|response| response.into_inner().status())
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`; returns the value and how long that
+/// took, or `None` once `limit` has passed (a probe still running then is cut off).
+pub async fn poll<T, F, Fut>(limit: Duration, mut probe: F) -> Option<(T, Duration)>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = tokio::time::Instant::now();
+    let deadline = started + limit;
     loop {
-        if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            let status = HealthClient::new(channel)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .map(|r| r.into_inner().status());
-            if matches!(status, Ok(ServingStatus::Serving)) {
-                return;
-            }
+        if let Ok(Some(value)) = tokio::time::timeout_at(deadline, probe()).await {
+            return Some((value, started.elapsed()));
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "keygate at {addr} never became SERVING"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Polls `probe` until it returns true; returns how long that took. Fails the test after
+/// `limit`.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut probe: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let polled = poll(limit, || {
+        let ready = probe();
+        async move { ready.await.then_some(()) }
+    })
+    .await;
+    polled
+        .unwrap_or_else(|| panic!("{what}: not within {limit:?}"))
+        .1
+}
+
+/// Polls `probe` until it returns `Some`; returns the value. Fails the test after `limit`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll(limit, probe)
+        .await
+        .unwrap_or_else(|| panic!("{what}: not within {limit:?}"))
+        .0
+}
+
+/// Asserts the call failed with `code` and a message containing each of `needles`; returns
+/// the error.
+#[track_caller]
+pub fn assert_error<T: std::fmt::Debug>(
+    result: Result<T, Status>,
+    code: Code,
+    needles: &[&str],
+) -> Status {
+    let status = result.expect_err("the call should fail");
+    assert_eq!(status.code(), code, "{status:?}");
+    for needle in needles {
+        assert!(
+            status.message().contains(needle),
+            "message {:?} should mention {needle:?}",
+            status.message()
+        );
+    }
+    status
+}
+
+/// The value of a sample in Prometheus text (`name` with its labels, exactly as written), or 0
+/// when it is absent.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == sample).then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0.0)
 }
 
 impl TestApp {
@@ -301,17 +384,14 @@ impl TestApp {
 
     /// Fetches keygate's own /metrics text.
     pub async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
-            .await
-            .unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: keygate\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        response
+        let response = crate::http::http_get(self.metrics_addr, "/metrics", &[]).await;
+        assert_eq!(response.status, 200, "{response:?}");
+        response.body
+    }
+
+    /// The value of one sample of keygate's own metrics (see `metric_value`).
+    pub async fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics().await, sample)
     }
 
     /// Stops the server gracefully and waits for it.

@@ -2,7 +2,7 @@
 //! server on random ports and a real store.
 
 mod helpers;
-mod process;
+mod http;
 mod processes;
 
 mod authorize;
@@ -19,5 +19,4 @@ mod races;
 mod readme;
 mod restarts;
 mod secret_leaks;
-mod support;
 mod tls;

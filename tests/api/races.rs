@@ -18,8 +18,9 @@ use tonic::transport::Channel;
 
 use crate::{
     both_backends,
-    helpers::{ADMIN_PASSWORD, ADMIN_USER, TestApp, TestBackend, basic, bearer, spawn_app},
-    support::{metric_value, wait_for},
+    helpers::{
+        ADMIN_PASSWORD, ADMIN_USER, TestApp, TestBackend, basic, bearer, spawn_app, wait_for,
+    },
 };
 
 const CREATORS: usize = 16;
@@ -276,10 +277,7 @@ both_backends!(
 );
 
 async fn applied_notifications(app: &TestApp) -> f64 {
-    metric_value(
-        &app.metrics().await,
-        "keygate_store_change_notifications_total",
-    )
+    app.metric("keygate_store_change_notifications_total").await
 }
 
 #[sqlx::test(migrations = false)]

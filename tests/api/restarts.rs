@@ -13,15 +13,19 @@ use std::{
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::{
-    helpers::{ADMIN_PASSWORD, ADMIN_USER, TestBackend, admin_client, bearer},
-    support::{
-        Envoy, HttpConnection, KeygateProcess, free_addr, health, render_example,
-        start_demo_upstream, wait_for,
+    helpers::{ADMIN_PASSWORD, ADMIN_USER, TestBackend, admin_client, bearer, health, wait_for},
+    http::HttpConnection,
+    processes::{
+        DemoUpstream, EnvoyProcess, KeygateProcess, envoy_socket, free_addr, render_example,
     },
 };
 
+/// A request slower than this counts as a wrong answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Load: a few connections, each sending back-to-back GETs, alternating a good key and two
-/// bad ones. Bounded by the stop flag, 60 s and 100 000 requests per connection.
+/// bad ones. Bounded by the stop flag, 60 s and 100 000 requests per connection, and each
+/// request by `REQUEST_TIMEOUT`.
 #[derive(Default, Debug)]
 struct Tally {
     good_ok: u64,
@@ -55,22 +59,27 @@ async fn load(
                 }
             }
         }
-        let result = connection
+        let headers = [("authorization", header.as_str())];
+        let exchange = connection
             .as_mut()
             .expect("connected")
-            .get("/metrics", Some(&header))
-            .await;
+            .get("/metrics", &headers);
+        let result = match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no response within {REQUEST_TIMEOUT:?}")),
+        };
         match result {
-            Ok((status, _)) if status == want => {
+            Ok(response) if response.status == want => {
                 if want == 200 {
                     tally.good_ok += 1
                 } else {
                     tally.bad_401 += 1
                 }
             }
-            Ok((status, body)) => tally
-                .wrong
-                .push(format!("wanted {want}, got {status} {body:?}")),
+            Ok(response) => tally.wrong.push(format!(
+                "wanted {want}, got {} {:?}",
+                response.status, response.body
+            )),
             Err(error) => {
                 tally.wrong.push(format!("wanted {want}, got {error}"));
                 connection = None;
@@ -93,8 +102,8 @@ async fn rolling_restarts_under_load_lose_no_request(pool: sqlx::PgPool) {
         [free_addr(), free_addr(), free_addr()],
     ];
     let mut replicas = [
-        KeygateProcess::start(dir.path(), "keygate-a", &url, addrs[0], &env),
-        KeygateProcess::start(dir.path(), "keygate-b", &url, addrs[1], &env),
+        KeygateProcess::serve(dir.path(), "keygate-a", &url, addrs[0], &env),
+        KeygateProcess::serve(dir.path(), "keygate-b", &url, addrs[1], &env),
     ];
     for replica in &mut replicas {
         replica.wait_serving().await;
@@ -123,35 +132,31 @@ async fn rolling_restarts_under_load_lose_no_request(pool: sqlx::PgPool) {
         format!("{body}{}", keygate::domain::key::checksum(&body))
     };
 
-    let (_upstream, upstream) = start_demo_upstream(dir.path()).await;
-    let (envoy_admin, envoy_listener) = (free_addr(), free_addr());
-    let socket = |host: &str, port: u16| format!("{{ address: {host}, port_value: {port} }}");
+    let upstream = DemoUpstream::start().await;
+    // Loopback only, and ports Envoy picks itself.
     let config = render_example(
         "envoy-replicas.yaml",
         &[
+            (envoy_socket("0.0.0.0", 10000), envoy_socket("127.0.0.1", 0)),
             (
-                &socket("0.0.0.0", 10000),
-                socket("127.0.0.1", envoy_listener.port()),
+                envoy_socket("127.0.0.1", 9901),
+                envoy_socket("127.0.0.1", 0),
             ),
             (
-                &socket("127.0.0.1", 9901),
-                socket("127.0.0.1", envoy_admin.port()),
+                envoy_socket("upstream", 8080),
+                envoy_socket("127.0.0.1", upstream.addr.port()),
             ),
             (
-                &socket("upstream", 8080),
-                socket("127.0.0.1", upstream.port()),
+                envoy_socket("keygate-a", 50051),
+                envoy_socket("127.0.0.1", replicas[0].main.port()),
             ),
             (
-                &socket("keygate-a", 50051),
-                socket("127.0.0.1", replicas[0].main.port()),
-            ),
-            (
-                &socket("keygate-b", 50051),
-                socket("127.0.0.1", replicas[1].main.port()),
+                envoy_socket("keygate-b", 50051),
+                envoy_socket("127.0.0.1", replicas[1].main.port()),
             ),
         ],
     );
-    let envoy = Envoy::start(dir.path(), &config, envoy_admin, envoy_listener).await;
+    let envoy = EnvoyProcess::start(&config).await;
     let all_healthy = || async {
         let hosts = envoy.hosts("authorizer").await;
         hosts.len() == 2 && hosts.iter().all(|(_, healthy)| *healthy)
@@ -167,7 +172,7 @@ async fn rolling_restarts_under_load_lose_no_request(pool: sqlx::PgPool) {
     let workers: Vec<_> = (0..4)
         .map(|_| {
             tokio::spawn(load(
-                envoy_listener,
+                envoy.addr,
                 good.clone(),
                 [mistyped.clone(), unknown.clone()],
                 stop.clone(),
@@ -180,7 +185,7 @@ async fn rolling_restarts_under_load_lose_no_request(pool: sqlx::PgPool) {
     let mut figures = Vec::new();
     for (index, name) in ["keygate-a", "keygate-b"].into_iter().enumerate() {
         let replica = &mut replicas[index];
-        replica.process.terminate();
+        replica.process.sigterm();
         let terminated = Instant::now();
         let not_serving = wait_for(
             &format!("{name} reports NOT_SERVING after SIGTERM"),
@@ -202,16 +207,16 @@ async fn rolling_restarts_under_load_lose_no_request(pool: sqlx::PgPool) {
             },
         )
         .await;
-        let status = replica.process.wait_exit(Duration::from_secs(20)).await;
+        let status = replica.process.wait(Duration::from_secs(20)).await;
         assert!(
             status.success(),
             "{name} exited with {status}:\n{}",
-            replica.process.output()
+            replica.process.log()
         );
         let exited = terminated.elapsed();
         let restarted = Instant::now();
         let addrs = [replica.main, replica.admin, replica.metrics];
-        *replica = KeygateProcess::start(dir.path(), name, &url, addrs, &env);
+        *replica = KeygateProcess::serve(dir.path(), name, &url, addrs, &env);
         let serving = replica.wait_serving().await;
         wait_for(
             "Envoy takes the replica back",
@@ -252,7 +257,7 @@ async fn rolling_restarts_under_load_lose_no_request(pool: sqlx::PgPool) {
         "{} requests got a wrong answer or a 5xx, e.g. {:?}\nEnvoy log:\n{}",
         total.wrong.len(),
         &total.wrong[..total.wrong.len().min(10)],
-        envoy.process.output()
+        envoy.log()
     );
     assert!(
         total.good_ok > 100 && total.bad_401 > 100,

@@ -4,7 +4,7 @@
 //! JSON. No clear key, key secret, password or argon2 hash may appear in any log line, any
 //! error message, or the Debug output of the domain records.
 
-use std::{io::Write, process::Stdio, time::Duration};
+use std::time::Duration;
 
 use base64::Engine as _;
 use envoy_types::pb::envoy::service::auth::v3::{
@@ -22,8 +22,11 @@ use tonic::Status;
 
 use crate::{
     both_backends,
-    helpers::{ADMIN_PASSWORD, ADMIN_USER, TestBackend, admin_client, basic, bearer, channel},
-    support::{KeygateProcess, free_addr, keygate_command},
+    helpers::{
+        ADMIN_PASSWORD, ADMIN_USER, TestBackend, admin_client, basic, bearer, channel,
+        test_settings,
+    },
+    processes::{KeygateProcess, free_addr, keygate_command, run},
 };
 
 const WRONG_PASSWORD: &str = "Tr0ub4dor&3-wrong-guess";
@@ -66,7 +69,7 @@ async fn scenario(backend: TestBackend, format: &str) {
     let dir = tempfile::tempdir().unwrap();
     let url = backend.url();
     let env = [("RUST_LOG", "trace"), ("KEYGATE_LOG_FORMAT", format)];
-    let mut keygate = KeygateProcess::start(
+    let mut keygate = KeygateProcess::serve(
         dir.path(),
         "keygate",
         &url,
@@ -109,28 +112,16 @@ async fn scenario(backend: TestBackend, format: &str) {
     transcript.status("KeyAdmin error (wrong password)", &refused);
 
     // `keygate user add` reads the password from stdin.
-    let mut add = keygate_command()
-        .args(["user", "add", NEW_USER, "--database-url", &url])
+    let mut add = keygate_command(dir.path());
+    add.args(["user", "add", NEW_USER, "--database-url", &url])
         .env("RUST_LOG", "trace")
-        .env("KEYGATE_LOG_FORMAT", format)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(add.stdin.take().unwrap(), "{NEW_PASSWORD}").unwrap();
-    let added = tokio::task::spawn_blocking(move || add.wait_with_output())
+        .env("KEYGATE_LOG_FORMAT", format);
+    let added = run(add, Some(&format!("{NEW_PASSWORD}\n")))
         .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        added.status.success(),
-        "{}",
-        String::from_utf8_lossy(&added.stderr)
-    );
+        .expect_success("keygate user add");
     transcript.add(
         "`keygate user add` output",
-        String::from_utf8_lossy(&[added.stdout, added.stderr].concat()),
+        format!("{}{}", added.stdout, added.stderr),
     );
 
     // A key, used well and badly, over Authorize and Check.
@@ -198,26 +189,20 @@ async fn scenario(backend: TestBackend, format: &str) {
     transcript.add("GetKey response", format!("{fetched:?}"));
 
     // `keygate keys list` as a KeyAdmin client.
-    let listed = keygate_command()
-        .args([
-            "keys",
-            "list",
-            "--admin-addr",
-            &format!("http://{}", keygate.admin),
-        ])
-        .env("KEYGATE_PASSWORD", ADMIN_PASSWORD)
-        .env("RUST_LOG", "trace")
-        .env("KEYGATE_LOG_FORMAT", format)
-        .output()
-        .unwrap();
-    assert!(
-        listed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&listed.stderr)
-    );
+    let mut list = keygate_command(dir.path());
+    list.args([
+        "keys",
+        "list",
+        "--admin-addr",
+        &format!("http://{}", keygate.admin),
+    ])
+    .env("KEYGATE_PASSWORD", ADMIN_PASSWORD)
+    .env("RUST_LOG", "trace")
+    .env("KEYGATE_LOG_FORMAT", format);
+    let listed = run(list, None).await.expect_success("keygate keys list");
     transcript.add(
         "`keygate keys list` output",
-        String::from_utf8_lossy(&[listed.stdout, listed.stderr].concat()),
+        format!("{}{}", listed.stdout, listed.stderr),
     );
 
     // The domain records' Debug output.
@@ -240,15 +225,14 @@ async fn scenario(backend: TestBackend, format: &str) {
     );
     let material = keygate::domain::key::KeyMaterial::generate();
     transcript.add("KeyMaterial Debug", format!("{material:?}"));
-    let mut settings = crate::helpers::test_settings();
+    let mut settings = test_settings();
     settings.database.database_url = Some(url.clone());
     transcript.add("ServeArgs Debug", format!("{settings:?}"));
 
     // The logs, after a graceful stop.
-    keygate.process.terminate();
-    let status = keygate.process.wait_exit(Duration::from_secs(30)).await;
+    let status = keygate.process.terminate(Duration::from_secs(30)).await;
     assert!(status.success());
-    let log = keygate.process.output();
+    let log = keygate.process.log();
     match format {
         "json" => {
             for line in log.lines().filter(|l| !l.trim().is_empty()) {

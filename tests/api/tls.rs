@@ -14,10 +14,11 @@ use rcgen::{
 };
 
 use crate::{
-    helpers::{ADMIN_PASSWORD, ADMIN_USER, basic, bearer, tool},
-    support::{
-        Envoy, KeygateProcess, free_addr, http_get, keygate_command, render_example,
-        start_demo_upstream, wait_for,
+    helpers::{ADMIN_PASSWORD, ADMIN_USER, basic, bearer, tool, wait_for},
+    http::try_http_get,
+    processes::{
+        DemoUpstream, EnvoyProcess, KeygateProcess, envoy_socket, free_addr, keygate_command,
+        render_example,
     },
 };
 
@@ -121,7 +122,7 @@ async fn keyadmin_and_check_over_tls_with_client_certificates_on_the_admin_liste
         ("KEYGATE_ADMIN_TLS_CLIENT_CA", pki.path("ca.pem")),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut keygate = KeygateProcess::start(
+    let mut keygate = KeygateProcess::serve(
         dir.path(),
         "keygate",
         &url,
@@ -146,7 +147,7 @@ async fn keyadmin_and_check_over_tls_with_client_certificates_on_the_admin_liste
         Duration::from_secs(30),
         || {
             keygate.process.assert_running();
-            let status = keygate_command()
+            let status = keygate_command(dir.path())
                 .args([
                     "healthcheck",
                     "--addr",
@@ -216,7 +217,7 @@ async fn keyadmin_and_check_over_tls_with_client_certificates_on_the_admin_liste
 
     // The keygate CLI as a KeyAdmin client over mTLS.
     let keys = |extra: &[&str]| {
-        keygate_command()
+        keygate_command(dir.path())
             .args([
                 "keys",
                 "list",
@@ -242,32 +243,28 @@ async fn keyadmin_and_check_over_tls_with_client_certificates_on_the_admin_liste
     assert!(!refused.status.success(), "{}", text(&refused));
 
     // Check through Envoy, which verifies keygate's certificate (SAN keygate) against the CA.
-    let (_upstream, upstream) = start_demo_upstream(dir.path()).await;
-    let (envoy_admin, envoy_listener) = (free_addr(), free_addr());
-    let socket = |host: &str, port: u16| format!("{{ address: {host}, port_value: {port} }}");
+    let upstream = DemoUpstream::start().await;
+    // Loopback only, and ports Envoy picks itself.
     let config = render_example(
         "envoy-tls.yaml",
         &[
+            (envoy_socket("0.0.0.0", 10000), envoy_socket("127.0.0.1", 0)),
             (
-                &socket("0.0.0.0", 10000),
-                socket("127.0.0.1", envoy_listener.port()),
+                envoy_socket("127.0.0.1", 9901),
+                envoy_socket("127.0.0.1", 0),
             ),
             (
-                &socket("127.0.0.1", 9901),
-                socket("127.0.0.1", envoy_admin.port()),
+                envoy_socket("upstream", 8080),
+                envoy_socket("127.0.0.1", upstream.addr.port()),
             ),
             (
-                &socket("upstream", 8080),
-                socket("127.0.0.1", upstream.port()),
+                envoy_socket("keygate", 50051),
+                envoy_socket("127.0.0.1", keygate.main.port()),
             ),
-            (
-                &socket("keygate", 50051),
-                socket("127.0.0.1", keygate.main.port()),
-            ),
-            ("/etc/keygate/tls/ca.pem", ca.clone()),
+            ("/etc/keygate/tls/ca.pem".into(), ca.clone()),
         ],
     );
-    let envoy = Envoy::start(dir.path(), &config, envoy_admin, envoy_listener).await;
+    let envoy = EnvoyProcess::start(&config).await;
     let good = bearer(&secret);
     // The last checksum character changed (to one it is not).
     let last = if secret.ends_with('0') { '1' } else { '0' };
@@ -276,10 +273,9 @@ async fn keyadmin_and_check_over_tls_with_client_certificates_on_the_admin_liste
         "a good key through Envoy over TLS",
         Duration::from_secs(20),
         || async {
-            matches!(
-                http_get(envoy.listener, "/metrics", Some(&good)).await,
-                Ok((200, _))
-            )
+            try_http_get(envoy.addr, "/metrics", &[("authorization", &good)])
+                .await
+                .is_ok_and(|response| response.status == 200)
         },
     )
     .await;
@@ -288,10 +284,8 @@ async fn keyadmin_and_check_over_tls_with_client_certificates_on_the_admin_liste
         (bad.as_str(), 401),
         (good.as_str(), 200),
     ] {
-        let (status, _) = http_get(envoy.listener, "/metrics", Some(header))
-            .await
-            .unwrap();
-        assert_eq!(status, want, "{header}\n{}", envoy.process.output());
+        let response = envoy.get("/metrics", &[("authorization", header)]).await;
+        assert_eq!(response.status, want, "{header}\n{}", envoy.log());
     }
     keygate.process.assert_running();
 }
@@ -337,7 +331,7 @@ async fn bad_tls_files_are_start_up_errors() {
     ];
     for (args, expected) in cases {
         let url = format!("sqlite://{}", dir.path().join("keygate.db").display());
-        let mut command = keygate_command();
+        let mut command = keygate_command(dir.path());
         command
             .args(["serve", "--database-url", &url])
             .args(["--listen", &free_addr().to_string()])
