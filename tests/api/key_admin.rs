@@ -15,7 +15,7 @@ use crate::{
     both_backends,
     helpers::{
         ADMIN_PASSWORD, ADMIN_USER, AdminClient, TestApp, TestBackend, admin_client,
-        admin_client_with_header, basic, bearer, spawn_app, timestamp_in,
+        admin_client_with_header, assert_error, basic, bearer, eventually, spawn_app, timestamp_in,
     },
 };
 
@@ -48,39 +48,6 @@ pub fn to_time(ts: &prost_types::Timestamp) -> DateTime<Utc> {
 
 fn status_of(key: &ApiKey) -> KeyStatus {
     KeyStatus::try_from(key.status).expect("a known KeyStatus")
-}
-
-/// Asserts the call failed with `code` and a message containing each of `needles`.
-#[track_caller]
-fn assert_error<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, needles: &[&str]) {
-    let status = result.expect_err("the call should fail");
-    assert_eq!(status.code(), code, "{status:?}");
-    for needle in needles {
-        assert!(
-            status.message().contains(needle),
-            "message {:?} should mention {needle:?}",
-            status.message()
-        );
-    }
-}
-
-/// Polls `probe` until it returns `Some`, for at most `timeout`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn create_key_returns_the_clear_key_exactly_once(backend: TestBackend) {
@@ -492,7 +459,7 @@ async fn expired_keys_stay_listed_as_expired(backend: TestBackend) {
     let (soon, secret) = app.create_key_expiring("soon", Some(timestamp_in(2))).await;
     assert_eq!(status_of(&soon), KeyStatus::Active);
     let admin = app.admin.clone();
-    let listed = eventually(Duration::from_secs(30), "the key expires", || {
+    let listed = eventually("the key expires", Duration::from_secs(30), || {
         let admin = admin.clone();
         async move {
             let keys = all_keys(&admin).await;
@@ -772,7 +739,7 @@ async fn last_used_at_is_set_after_a_successful_use(backend: TestBackend) {
     assert!(app.authorize(&bearer(&secret)).await.allowed);
     let after = Utc::now() + chrono::Duration::seconds(1);
 
-    let last_used = eventually(Duration::from_secs(20), "last_used_at is written", || {
+    let last_used = eventually("last_used_at is written", Duration::from_secs(20), || {
         let fetched = get(&app, used.id);
         async move { fetched.await.last_used_at }
     })
@@ -936,7 +903,7 @@ async fn key_admin_is_unavailable_while_postgres_is_unreachable(pool: sqlx::PgPo
     }
 
     proxy.set_up(true);
-    let keys_after = eventually(Duration::from_secs(30), "KeyAdmin recovers", || {
+    let keys_after = eventually("KeyAdmin recovers", Duration::from_secs(30), || {
         let mut admin = admin.clone();
         async move {
             let page = admin.list_keys(ListKeysRequest::default()).await.ok()?;
