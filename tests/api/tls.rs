@@ -18,7 +18,7 @@ use crate::{
     http::try_http_get,
     processes::{
         DemoUpstream, EnvoyProcess, KeygateProcess, envoy_socket, free_addr, keygate_command,
-        render_example,
+        render_example, run,
     },
 };
 
@@ -338,14 +338,11 @@ async fn bad_tls_files_are_start_up_errors() {
             .args(["--admin-listen", &free_addr().to_string()])
             .args(["--metrics-listen", &free_addr().to_string()])
             .args(args);
-        let output = tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::task::spawn_blocking(move || command.output().expect("run keygate")),
-        )
-        .await
-        .expect("keygate exits")
-        .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        // Bounded, and killed if it does not exit.
+        let output = tokio::time::timeout(Duration::from_secs(30), run(command, None))
+            .await
+            .expect("keygate exits");
+        let stderr = &output.stderr;
         assert!(!output.status.success(), "{args:?} started");
         assert!(
             stderr.contains(expected),
