@@ -253,15 +253,19 @@ impl Application {
             Server::builder()
                 .tcp_nodelay(true)
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
         };
+        // One span per RPC. On the main port (a call per gateway request) it is debug-level:
+        // disabled at the default level, it costs nothing, where an enabled span costs every
+        // request a few allocations (bench/). Its decisions are logged with their transport.
         let main_server = tokio::spawn(
             grpc_server()
+                .trace_fn(|request| tracing::debug_span!("rpc", path = %request.uri().path()))
                 .add_routes(main_routes)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(main_listener), closing()),
         );
         let admin_server = tokio::spawn(
             grpc_server()
+                .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
                 .add_routes(admin_routes)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), closing()),
         );
