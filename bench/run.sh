@@ -160,6 +160,11 @@ NOOP_PORT=$(free_port)
 "$BIN/noop-authz" --listen "127.0.0.1:$NOOP_PORT" >>"$WORK/noop.log" 2>&1 &
 PIDS+=("$!")
 wait_serving "$NOOP_PORT" >/dev/null
+# The same no-op, answering with what keygate sends for an allowed key (headers, metadata).
+MIMIC_PORT=$(free_port)
+"$BIN/noop-authz" --listen "127.0.0.1:$MIMIC_PORT" --answer keygate >>"$WORK/noop.log" 2>&1 &
+PIDS+=("$!")
+wait_serving "$MIMIC_PORT" >/dev/null
 KEY=$("$BENCH" create-key --admin-addr "127.0.0.1:$ADMIN_kg" --name bench)
 log "keygate (pid $PID_kg) on :$MAIN_kg, noop-authz on :$NOOP_PORT; bench key created"
 
@@ -173,8 +178,8 @@ scenario_envoy() {
   PIDS+=("$!")
   declare -gA ENVOY_PORT
   local variant authz listen admin config
-  for variant in keygate noop none; do
-    case $variant in keygate) authz=$MAIN_kg ;; *) authz=$NOOP_PORT ;; esac
+  for variant in keygate noop mimic none; do
+    case $variant in keygate) authz=$MAIN_kg ;; mimic) authz=$MIMIC_PORT ;; *) authz=$NOOP_PORT ;; esac
     listen=$(free_port); admin=$(free_port)
     config=$WORK/envoy-$variant.yaml
     # examples/envoy.yaml with its hosts and ports pointed at this run's processes; the `none`
@@ -205,7 +210,7 @@ scenario_envoy() {
   local code
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${ENVOY_PORT[keygate]}/metrics")
   [ "$code" = 401 ] || { log "Envoy→keygate without a key answered $code, not 401"; exit 1; }
-  for variant in keygate noop none; do
+  for variant in keygate noop mimic none; do
     code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" \
       "http://127.0.0.1:${ENVOY_PORT[$variant]}/metrics")
     [ "$code" = 200 ] || { log "Envoy ($variant) with the key answered $code, not 200"; exit 1; }
@@ -227,12 +232,12 @@ scenario_envoy() {
     echo "$rps $p50"
   }
   log "1. Envoy: warm-up"
-  for variant in keygate noop none; do run_wrk "$variant" 8 1 >/dev/null; done
+  for variant in keygate noop mimic none; do run_wrk "$variant" 8 1 >/dev/null; done
   declare -A rps32 p50_1 rps1
   local rep conns r
   for rep in $(seq "$REPS"); do
     for conns in 32 1; do
-      for variant in keygate noop none; do
+      for variant in keygate noop mimic none; do
         r=$(run_wrk "$variant" "$conns" "$WRK_SECS")
         raw "envoy rep=$rep connections=$conns variant=$variant rps=${r% *} p50_us=${r#* }"
         if [ "$conns" = 32 ]; then
@@ -243,15 +248,19 @@ scenario_envoy() {
       done
     done
   done
-  local k n z ratio
+  local k n m z ratio
   k=$(median <<<"${rps32[keygate]}"); n=$(median <<<"${rps32[noop]}"); z=$(median <<<"${rps32[none]}")
   ratio=$(calc "$k / $n" 3)
   result "1. Envoy, wrk 32 connections" "keygate / noop throughput ($k / $n req/s)" "${ratio}×" "≥ 0.97×" "$(verdict "$ratio >= 0.97")"
+  m=$(median <<<"${rps32[mimic]}")
+  result "1. Envoy, wrk 32 connections" "keygate / no-op giving keygate's answer ($m req/s)" "$(calc "$k / $m" 3)×" "(context)" "-"
   result "1. Envoy, wrk 32 connections" "keygate / no ext_authz ($z req/s)" "$(calc "$k / $z" 3)×" "(context)" "-"
   k=$(median <<<"${p50_1[keygate]}"); n=$(median <<<"${p50_1[noop]}"); z=$(median <<<"${p50_1[none]}")
   local diff
   diff=$(calc "$k - $n" 1)
   result "1. Envoy, wrk 1 connection" "p50 keygate − noop ($k − $n µs)" "$diff µs" "≤ 10 µs" "$(verdict "$diff <= 10")"
+  m=$(median <<<"${p50_1[mimic]}")
+  result "1. Envoy, wrk 1 connection" "p50 keygate − no-op giving keygate's answer ($m µs)" "$(calc "$k - $m" 1) µs" "(context)" "-"
   result "1. Envoy, wrk 1 connection" "p50 with no ext_authz" "$z µs" "(context)" "-"
   k=$(median <<<"${rps1[keygate]}"); n=$(median <<<"${rps1[noop]}")
   result "1. Envoy, wrk 1 connection" "keygate / noop throughput ($k / $n req/s)" "$(calc "$k / $n" 3)×" "(context)" "-"
@@ -295,7 +304,7 @@ scenario_miss() {
     ids+=("$("$BENCH" create-key --admin-addr "127.0.0.1:$ADMIN_kg" --name "flood-target-$i" | sed 's/^uk\([0-9]*\)_.*/\1/')")
   done
   line=$("$BENCH" --threads 1 flood --addr "127.0.0.1:$MAIN_kg" --key "$KEY" --flood-ids "${ids[@]}" \
-    --good-rate 1000 --flood-concurrency 64 --phase-secs "$FLOOD_PHASE_SECS" --rounds "$FLOOD_ROUNDS")
+    --good-concurrency 2 --flood-concurrency 64 --phase-secs "$FLOOD_PHASE_SECS" --rounds "$FLOOD_ROUNDS")
   raw "$line"
   local quiet flooded ratio
   quiet=$(field quiet_p99_us "$line"); flooded=$(field flood_p99_us "$line")
