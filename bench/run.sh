@@ -386,8 +386,8 @@ SQL
     port=MAIN_$db
     "$BENCH" touch --addr "127.0.0.1:${!port}" --ids 1 10 --random "$random" >/dev/null
   done
-  for rep in $(seq "$REPS"); do
-    for db in small large; do
+  for rep in $(seq "$GRPC_REPS"); do
+    for db in $(if [ $((rep % 2)) = 1 ]; then echo small large; else echo large small; fi); do
       port=MAIN_$db
       line=$("$BENCH" --threads 1 load --addr "127.0.0.1:${!port}" --rpc authorize \
         --ids 1 10 --random "$random" --connections 2 --concurrency 64 \

@@ -814,10 +814,19 @@ async fn revocation(args: RevocationArgs) -> BenchResult {
     while load.join_next().await.is_some() {}
     delays_ms.sort_by(f64::total_cmp);
     let pick = |q: f64| delays_ms[((delays_ms.len() as f64 * q) as usize).min(delays_ms.len() - 1)];
+    eprintln!(
+        "revocation delays (ms, sorted): {}",
+        delays_ms
+            .iter()
+            .map(|d| format!("{d:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!(
-        "revocation trials={} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} load_calls={}",
+        "revocation trials={} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} load_calls={}",
         delays_ms.len(),
         pick(0.5),
+        pick(0.9),
         pick(0.99),
         delays_ms[delays_ms.len() - 1],
         load_calls.load(Ordering::Relaxed)
