@@ -131,9 +131,8 @@ impl Authorizer {
                 // A bearer token carries no username/password pair.
                 return Ok(Decision::deny(DenyReason::InvalidCredentials));
             };
-            return self
-                .decide_user(username, &credentials.secret, client)
-                .await;
+            // Boxed for the same reason as the key verification: a rare path, a big future.
+            return Box::pin(self.decide_user(username, &credentials.secret, client)).await;
         }
         // Step 4: API keys only.
         self.decide_key(&credentials.secret, client).await
@@ -166,10 +165,10 @@ impl Authorizer {
                     Ok(attempt) => attempt,
                     Err(retry_after) => return Ok(rate_limited(retry_after)),
                 };
-                let matched = self
-                    .cache
-                    .verify(&key.secret, parsed.random, fingerprint)
-                    .await?;
+                // Boxed: the verification's future (moka's coalescing, the argon2 pool) is
+                // kilobytes, and inline it would make every request's future that big.
+                let matched =
+                    Box::pin(self.cache.verify(&key.secret, parsed.random, fingerprint)).await?;
                 if !matched {
                     attempt.failed();
                     return Ok(Decision::deny(DenyReason::InvalidCredentials));
@@ -296,5 +295,27 @@ pub async fn verify_user(
             attempt.failed();
         }
         Ok(UserCheck::Invalid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::{config::ServeArgs, metrics::Transport, startup::Services, store::SqliteStore};
+
+    /// Every request's future is allocated (tonic boxes the handler's) and moved; the argon2
+    /// path's future is kilobytes (moka's coalescing, the worker pool), so it is boxed and only
+    /// a miss pays for it. Above 1 KiB an allocation also leaves glibc's fast per-thread cache.
+    #[tokio::test]
+    async fn the_hot_path_future_stays_small() {
+        let store = Arc::new(SqliteStore::connect("sqlite::memory:").await.unwrap());
+        let services = Services::build(&ServeArgs::from_env(), store).unwrap();
+        let future = services.authorizer.authorize(Transport::Envoy, None, None);
+        let size = std::mem::size_of_val(&future);
+        assert!(
+            size <= 512,
+            "Authorizer::authorize's future is {size} bytes"
+        );
     }
 }

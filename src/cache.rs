@@ -47,6 +47,10 @@ pub const USER_TTL: Duration = Duration::from_secs(30);
 /// Only one secret can match a hash, so the slot is written at most once.
 pub struct HashedSecret {
     pub phc: String,
+    /// The owning cache's keyed HMAC state with `phc` already absorbed, made on first use: a
+    /// fingerprint then only absorbs the presented secret and finalizes. (So an entry belongs
+    /// to the one cache that fingerprints it, as every entry here does.)
+    mac_with_phc: OnceLock<Box<Hmac<Sha256>>>,
     verified: OnceLock<Fingerprint>,
 }
 
@@ -54,6 +58,7 @@ impl HashedSecret {
     pub fn new(phc: String) -> Self {
         Self {
             phc,
+            mac_with_phc: OnceLock::new(),
             verified: OnceLock::new(),
         }
     }
@@ -66,6 +71,8 @@ impl HashedSecret {
 }
 
 /// What the cache knows about a key id.
+// Always held in an `Arc`, allocated once per entry: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum CachedKey {
     /// The store has no such key.
     Unknown,
@@ -150,7 +157,8 @@ pub struct CredentialCache {
     verdicts: moka::future::Cache<Fingerprint, bool>,
     /// Bumped before every invalidation; see `insert_key`.
     generation: AtomicU64,
-    mac_key: [u8; 32],
+    /// HMAC-SHA256 keyed with a per-process random key (the key's pads already absorbed).
+    keyed_mac: Hmac<Sha256>,
     dummy_hash: tokio::sync::OnceCell<String>,
     argon: ArgonPool,
     metrics: Arc<Metrics>,
@@ -162,6 +170,8 @@ impl CredentialCache {
         OsRng
             .try_fill_bytes(&mut mac_key)
             .expect("the operating system's random source failed");
+        let keyed_mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&mac_key).expect("HMAC accepts any key length");
         Self {
             keys: moka::sync::Cache::builder()
                 .max_capacity(capacity)
@@ -176,18 +186,27 @@ impl CredentialCache {
                 .expire_after(VerdictExpiry)
                 .build(),
             generation: AtomicU64::new(0),
-            mac_key,
+            keyed_mac,
             dummy_hash: tokio::sync::OnceCell::new(),
             argon,
             metrics,
         }
     }
 
+    /// HMAC(per-process key, stored hash || 0 || presented secret). On the hot path: the
+    /// keyed state with the stored hash absorbed is kept per entry, so this costs two SHA-256
+    /// blocks and no allocation.
     pub fn fingerprint(&self, secret: &HashedSecret, presented: &str) -> Fingerprint {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.mac_key)
-            .expect("HMAC accepts any key length");
-        mac.update(secret.phc.as_bytes());
-        mac.update(&[0]);
+        let mut mac = secret
+            .mac_with_phc
+            .get_or_init(|| {
+                let mut mac = self.keyed_mac.clone();
+                mac.update(secret.phc.as_bytes());
+                mac.update(&[0]);
+                Box::new(mac)
+            })
+            .as_ref()
+            .clone();
         mac.update(presented.as_bytes());
         mac.finalize().into_bytes().into()
     }
@@ -297,5 +316,47 @@ impl CredentialCache {
 
     pub fn invalidate_users(&self) {
         self.users.invalidate_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::hashing::{HashParams, SecretHasher};
+
+    fn cache() -> CredentialCache {
+        let metrics = Metrics::new();
+        let hasher = SecretHasher::new(HashParams {
+            memory_kib: 8,
+            iterations: 1,
+            parallelism: 1,
+        })
+        .unwrap();
+        CredentialCache::new(10, ArgonPool::new(hasher, 1, 4, metrics.clone()), metrics)
+    }
+
+    #[test]
+    fn fingerprints_bind_the_stored_hash_and_the_presented_secret() {
+        let cache = cache();
+        let phc = "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2g".to_owned();
+        let secret = HashedSecret::new(phc.clone());
+        let first = cache.fingerprint(&secret, "presented");
+        // The second call uses the state kept in the entry; a fresh entry recomputes it.
+        assert_eq!(cache.fingerprint(&secret, "presented"), first);
+        assert_eq!(
+            cache.fingerprint(&HashedSecret::new(phc.clone()), "presented"),
+            first
+        );
+        assert_ne!(cache.fingerprint(&secret, "presenteD"), first);
+        assert_ne!(cache.fingerprint(&secret, "presented "), first);
+        assert_ne!(
+            cache.fingerprint(&HashedSecret::new(format!("{phc}x")), "presented"),
+            first
+        );
+        // Another process (another random key) fingerprints differently.
+        assert_ne!(
+            self::cache().fingerprint(&HashedSecret::new(phc), "presented"),
+            first
+        );
     }
 }

@@ -350,21 +350,22 @@ impl Application {
                     })?,
                 None => builder,
             };
-            Ok::<_, StartupError>(
-                builder
-                    .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
-                    .layer(tower::util::MapResponseLayer::new(
-                        crate::grpc::malformed::undecodable_is_invalid_argument,
-                    )),
-            )
+            Ok::<_, StartupError>(builder.layer(tower::util::MapResponseLayer::new(
+                crate::grpc::malformed::undecodable_is_invalid_argument,
+            )))
         };
+        // One span per RPC. On the main port (a call per gateway request) it is debug-level:
+        // disabled at the default level, it costs nothing, where an enabled span costs every
+        // request a few allocations (bench/). Its decisions are logged with their transport.
         let main_server = tokio::spawn(
             grpc_server("main", tls.main)?
+                .trace_fn(|request| tracing::debug_span!("rpc", path = %request.uri().path()))
                 .add_routes(main_routes)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(main_listener), closing()),
         );
         let admin_server = tokio::spawn(
             grpc_server("admin", tls.admin)?
+                .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
                 .add_routes(admin_routes)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), closing()),
         );

@@ -5,7 +5,7 @@
 //! client. A decision that cannot be made is an RPC error (`UNAVAILABLE`), so Envoy's own
 //! `failure_mode_allow` / `status_on_error` decide.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
 use envoy_types::{
     ext_authz::v3::{
@@ -180,7 +180,7 @@ fn metadata(reason: Option<DenyReason>, principal: Option<&Principal>) -> Struct
     let text = |s: String| Value {
         kind: Some(Kind::StringValue(s)),
     };
-    let mut fields = BTreeMap::new();
+    let mut fields = HashMap::with_capacity(3);
     fields.insert(
         "decision".to_owned(),
         text(reason.map_or("ALLOWED", DenyReason::as_str).to_owned()),
@@ -195,9 +195,7 @@ fn metadata(reason: Option<DenyReason>, principal: Option<&Principal>) -> Struct
         }
         None => {}
     }
-    Struct {
-        fields: fields.into_iter().collect(),
-    }
+    Struct { fields }
 }
 
 #[cfg(test)]

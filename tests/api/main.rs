@@ -7,6 +7,7 @@ mod processes;
 
 mod authorize;
 mod brute_force;
+mod cache;
 mod cli;
 mod db_outage;
 mod envoy;

@@ -1,0 +1,479 @@
+#!/usr/bin/env bash
+# keygate's benchmarks: keygate side by side with a no-op authorization server built from the
+# same stack (src/bin/noop-authz.rs), interleaved in one run, reported as ratios with their
+# targets (issue #4). Not part of CI. Traffic goes only to 127.0.0.1; every measurement is
+# bounded in time (and the load clients in count too).
+#
+#   bash bench/run.sh              # full run (about 10 minutes on 2 cores)
+#   bash bench/run.sh --quick      # smoke test: short durations, fewer trials, 100k keys
+#   bash bench/run.sh --save       # also write bench/RESULTS.md
+#   bash bench/run.sh --only 2,4   # some scenarios only (1 Envoy, 2 gRPC, 3 cache miss,
+#                                  #   4 revocation, 5 scale)
+#
+# Needs: a release build (done here), envoy and wrk (scripts/install-test-tools.sh), Postgres
+# on 127.0.0.1:5432 as user postgres (scripts/start-postgres.sh; override with BENCH_PGHOST,
+# BENCH_PGPORT, BENCH_PGUSER). It creates its own databases and drops them at the end.
+set -euo pipefail
+shopt -s inherit_errexit
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+QUICK=0
+SAVE=0
+BUILD=1
+ONLY="1 2 3 4 5"
+ARGS="$*"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --save) SAVE=1 ;;
+    --no-build) BUILD=0 ;;
+    --only) shift; ONLY=$(echo "$1" | tr ',' ' ') ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ "$QUICK" = 1 ]; then
+  WRK_SECS=2; ENVOY_REPS=1; GRPC_REPS=1; LOAD_SECS=2; FLOOD_PHASE_SECS=2; FLOOD_ROUNDS=1
+  FIRST_USE_KEYS=5; TRIALS=100; SCALE_KEYS=100000; STARTUPS=2; TOUCH_EXTRA=10000
+else
+  WRK_SECS=5; ENVOY_REPS=7; GRPC_REPS=6; LOAD_SECS=5; FLOOD_PHASE_SECS=5; FLOOD_ROUNDS=3
+  FIRST_USE_KEYS=20; TRIALS=200; SCALE_KEYS=1000000; STARTUPS=5; TOUCH_EXTRA=50000
+fi
+CACHE_BOUND=10000
+
+PGHOST=${BENCH_PGHOST:-127.0.0.1}
+PGPORT=${BENCH_PGPORT:-5432}
+PGUSER=${BENCH_PGUSER:-postgres}
+export PGHOST PGPORT PGUSER
+PG_BASE="postgres://$PGUSER@$PGHOST:$PGPORT"
+ADMIN_PASSWORD="bench-operator-$$-$RANDOM"
+export KEYGATE_BENCH_PASSWORD=$ADMIN_PASSWORD
+
+tool() {
+  if [ -x "$ROOT/.tools/bin/$1" ]; then echo "$ROOT/.tools/bin/$1"; return; fi
+  command -v "$1" >/dev/null 2>&1 || {
+    echo "run.sh: needs $1 (bash scripts/install-test-tools.sh)" >&2
+    exit 1
+  }
+  command -v "$1"
+}
+ENVOY=$(tool envoy)
+WRK=$(tool wrk)
+for t in psql createdb dropdb curl python3; do tool "$t" >/dev/null; done
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/keygate-bench.XXXXXX")
+RUN_LOG=$WORK/run.log
+exec > >(tee -a "$RUN_LOG") 2>&1
+
+PIDS=()
+DBS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  for db in "${DBS[@]}"; do
+    dropdb --if-exists "$db" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log() { echo "[$(date -u +%T)] $*" >&2; }
+PYTHON=$(command -v /usr/bin/python3 || command -v python3)
+free_port() {
+  "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+# Stops one process this script started (by pid) and waits for it.
+stop_pid() {
+  local pid=$1
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.05; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
+RESULTS=()
+RAW=()
+# result SCENARIO MEASUREMENT VALUE TARGET VERDICT
+result() {
+  RESULTS+=("| $1 | $2 | $3 | $4 | $5 |")
+  printf '%-34s %-46s %-22s %-18s %s\n' "$1" "$2" "$3" "$4" "$5"
+}
+raw() { RAW+=("$*"); echo "  $*"; }
+# Field NAME of a `name=value` result line.
+field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; }
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+calc() { awk "BEGIN { printf \"%.${2:-2}f\", $1 }"; }
+verdict() { if awk "BEGIN { exit !($1) }"; then echo PASS; else echo FAIL; fi; }
+
+log "machine: $(uname -srm), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+log "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
+if awk "BEGIN { exit !($(cut -d' ' -f1 /proc/loadavg) > 0.5) }"; then
+  log "NOTE: the machine is not idle; ratios are interleaved but absolute figures will be noisy"
+fi
+
+if [ "$BUILD" = 1 ]; then
+  log "cargo build --release --bins"
+  cargo build --release --bins --quiet
+fi
+BIN=$ROOT/target/release
+BENCH=$BIN/keygate-bench
+
+DB=kg_bench_$$
+createdb "$DB"
+DBS+=("$DB")
+
+# start_keygate NAME DATABASE_URL [VAR=value...]: a release keygate on fresh 127.0.0.1 ports,
+# with nothing from this shell's environment but what is given here. Sets PID_<NAME>,
+# MAIN_<NAME>, ADMIN_<NAME>, METRICS_<NAME>, and LAUNCHED_AT_NS (after the port look-ups).
+start_keygate() {
+  local name=$1 url=$2
+  shift 2
+  local main admin metrics
+  main=$(free_port); admin=$(free_port); metrics=$(free_port)
+  LAUNCHED_AT_NS=$(date +%s%N)
+  env -i PATH="$PATH" HOME="$HOME" RUST_LOG=info \
+    KEYGATE_DATABASE_URL="$url" \
+    KEYGATE_LISTEN="127.0.0.1:$main" \
+    KEYGATE_ADMIN_LISTEN="127.0.0.1:$admin" \
+    KEYGATE_METRICS_LISTEN="127.0.0.1:$metrics" \
+    KEYGATE_ADMIN_USER=admin KEYGATE_ADMIN_PASSWORD="$ADMIN_PASSWORD" \
+    "$@" "$BIN/keygate" serve >>"$WORK/keygate-$name.log" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  printf -v "PID_$name" %s "$pid"
+  printf -v "MAIN_$name" %s "$main"
+  printf -v "ADMIN_$name" %s "$admin"
+  printf -v "METRICS_$name" %s "$metrics"
+}
+wait_serving() { "$BENCH" wait-serving --addr "127.0.0.1:$1" "${@:2}"; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+start_keygate kg "$PG_BASE/$DB"
+wait_serving "$MAIN_kg" >/dev/null
+NOOP_PORT=$(free_port)
+"$BIN/noop-authz" --listen "127.0.0.1:$NOOP_PORT" >>"$WORK/noop.log" 2>&1 &
+PIDS+=("$!")
+wait_serving "$NOOP_PORT" >/dev/null
+# The same no-op, answering with what keygate sends for an allowed key (headers, metadata).
+MIMIC_PORT=$(free_port)
+"$BIN/noop-authz" --listen "127.0.0.1:$MIMIC_PORT" --answer keygate >>"$WORK/noop.log" 2>&1 &
+PIDS+=("$!")
+wait_serving "$MIMIC_PORT" >/dev/null
+KEY=$("$BENCH" create-key --admin-addr "127.0.0.1:$ADMIN_kg" --name bench)
+log "keygate (pid $PID_kg) on :$MAIN_kg, noop-authz on :$NOOP_PORT; bench key created"
+
+wants() { [[ " $ONLY " == *" $1 "* ]]; }
+
+# --- 1. Through Envoy -------------------------------------------------------------------------
+scenario_envoy() {
+  local up
+  up=$(free_port)
+  "$BIN/demo-upstream" --listen "127.0.0.1:$up" >>"$WORK/upstream.log" 2>&1 &
+  PIDS+=("$!")
+  declare -gA ENVOY_PORT
+  local variant authz listen admin config
+  for variant in keygate noop mimic none; do
+    case $variant in keygate) authz=$MAIN_kg ;; mimic) authz=$MIMIC_PORT ;; *) authz=$NOOP_PORT ;; esac
+    listen=$(free_port); admin=$(free_port)
+    config=$WORK/envoy-$variant.yaml
+    # examples/envoy.yaml with its hosts and ports pointed at this run's processes; the `none`
+    # variant drops the ext_authz filter (everything from it up to the router filter).
+    sed -e "s/address: 0\.0\.0\.0, port_value: 10000/address: 127.0.0.1, port_value: $listen/" \
+        -e "s/address: upstream, port_value: 8080/address: 127.0.0.1, port_value: $up/" \
+        -e "s/address: keygate, port_value: 50051/address: 127.0.0.1, port_value: $authz/" \
+        -e "s/port_value: 9901/port_value: $admin/" \
+        examples/envoy.yaml |
+      if [ "$variant" = none ]; then
+        awk '/- name: envoy.filters.http.ext_authz/ {skip=1} /- name: envoy.filters.http.router/ {skip=0} !skip'
+      else
+        cat
+      fi >"$config"
+    grep -q "port_value: $listen" "$config" || { log "could not render $config"; exit 1; }
+    "$ENVOY" -c "$config" --concurrency 1 --use-dynamic-base-id --log-level warn \
+      >>"$WORK/envoy-$variant.log" 2>&1 &
+    PIDS+=("$!")
+    ENVOY_PORT[$variant]=$listen
+    local ready=0
+    for _ in $(seq 200); do
+      if [ "$(curl -s "http://127.0.0.1:$admin/ready" || true)" = LIVE ]; then ready=1; break; fi
+      sleep 0.1
+    done
+    [ "$ready" = 1 ] || { log "envoy ($variant) did not become ready"; cat "$WORK/envoy-$variant.log"; exit 1; }
+  done
+  # Sanity: keygate really decides (401 without the key), every variant serves with it.
+  local code
+  code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${ENVOY_PORT[keygate]}/metrics")
+  [ "$code" = 401 ] || { log "Envoy→keygate without a key answered $code, not 401"; exit 1; }
+  for variant in keygate noop mimic none; do
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" \
+      "http://127.0.0.1:${ENVOY_PORT[$variant]}/metrics")
+    [ "$code" = 200 ] || { log "Envoy ($variant) with the key answered $code, not 200"; exit 1; }
+  done
+
+  # run_wrk VARIANT CONNECTIONS SECS -> "rps p50_us"
+  run_wrk() {
+    local out
+    out=$("$WRK" -t1 -c"$2" -d"$3"s --latency -H "Authorization: Bearer $KEY" \
+      "http://127.0.0.1:${ENVOY_PORT[$1]}/metrics")
+    if grep -q 'Non-2xx' <<<"$out"; then
+      log "wrk through Envoy ($1) got errors:"; echo "$out" >&2; exit 1
+    fi
+    local rps p50
+    rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+    p50=$(awk '$1 == "50%" {
+        v = $2; u = v; gsub(/[0-9.]/, "", u); sub(/[a-z]+$/, "", v)
+        print (u == "us" ? v : u == "ms" ? v * 1000 : v * 1000000) }' <<<"$out")
+    echo "$rps $p50"
+  }
+  log "1. Envoy: warm-up"
+  for variant in keygate noop mimic none; do run_wrk "$variant" 8 1 >/dev/null; done
+  declare -A rps32 p50_1 rps1
+  local rep conns r j variants=(keygate noop mimic none)
+  # Short runs, many of them, the variants' order rotating every repetition: this VM's speed
+  # drifts by tens of percent over seconds, and medians of interleaved runs see through that.
+  # The unloaded (1 connection) latency mostly depends on where the scheduler puts the four
+  # processes of the chain for that run, so it gets twice the repetitions at half the length.
+  local secs
+  for rep in $(seq $((2 * ENVOY_REPS))); do
+    for conns in 32 1; do
+      if [ "$conns" = 32 ]; then
+        [ $((rep % 2)) = 1 ] || continue
+        secs=$WRK_SECS
+      else
+        secs=$(( (WRK_SECS + 1) / 2 ))
+      fi
+      for j in 0 1 2 3; do
+        variant=${variants[$(( (rep + j) % 4 ))]}
+        r=$(run_wrk "$variant" "$conns" "$secs")
+        raw "envoy rep=$rep connections=$conns variant=$variant rps=${r% *} p50_us=${r#* }"
+        if [ "$conns" = 32 ]; then
+          rps32[$variant]+=" ${r% *}"
+        else
+          rps1[$variant]+=" ${r% *}"; p50_1[$variant]+=" ${r#* }"
+        fi
+      done
+    done
+  done
+  local k n m z ratio
+  k=$(median <<<"${rps32[keygate]}"); n=$(median <<<"${rps32[noop]}"); z=$(median <<<"${rps32[none]}")
+  ratio=$(calc "$k / $n" 3)
+  result "1. Envoy, wrk 32 connections" "keygate / noop throughput ($k / $n req/s)" "${ratio}×" "≥ 0.97×" "$(verdict "$ratio >= 0.97")"
+  m=$(median <<<"${rps32[mimic]}")
+  result "1. Envoy, wrk 32 connections" "keygate / no-op giving keygate's answer ($m req/s)" "$(calc "$k / $m" 3)×" "(context)" "-"
+  result "1. Envoy, wrk 32 connections" "keygate / no ext_authz ($z req/s)" "$(calc "$k / $z" 3)×" "(context)" "-"
+  k=$(median <<<"${p50_1[keygate]}"); n=$(median <<<"${p50_1[noop]}"); z=$(median <<<"${p50_1[none]}")
+  local diff
+  diff=$(calc "$k - $n" 1)
+  result "1. Envoy, wrk 1 connection" "p50 keygate − noop ($k − $n µs)" "$diff µs" "≤ 10 µs" "$(verdict "$diff <= 10")"
+  m=$(median <<<"${p50_1[mimic]}")
+  result "1. Envoy, wrk 1 connection" "p50 keygate − no-op giving keygate's answer ($m µs)" "$(calc "$k - $m" 1) µs" "(context)" "-"
+  result "1. Envoy, wrk 1 connection" "p50 with no ext_authz" "$z µs" "(context)" "-"
+  k=$(median <<<"${rps1[keygate]}"); n=$(median <<<"${rps1[noop]}")
+  result "1. Envoy, wrk 1 connection" "keygate / noop throughput ($k / $n req/s)" "$(calc "$k / $n" 3)×" "(context)" "-"
+}
+
+# --- 2. Direct gRPC Check at saturation ---------------------------------------------------------
+scenario_grpc() {
+  log "2. direct gRPC Check load"
+  local rep variant port line
+  declare -A rps
+  for rep in $(seq "$GRPC_REPS"); do
+    for variant in $(if [ $((rep % 2)) = 1 ]; then echo keygate noop; else echo noop keygate; fi); do
+      case $variant in keygate) port=$MAIN_kg ;; noop) port=$NOOP_PORT ;; esac
+      line=$("$BENCH" --threads 1 load --addr "127.0.0.1:$port" --rpc check --key "$KEY" \
+        --connections 2 --concurrency 64 --duration-secs "$LOAD_SECS" --label "grpc-$variant")
+      raw "$line rep=$rep"
+      rps[$variant]+=" $(field rps "$line")"
+    done
+  done
+  local k n ratio
+  k=$(median <<<"${rps[keygate]}"); n=$(median <<<"${rps[noop]}")
+  ratio=$(calc "$k / $n" 3)
+  result "2. gRPC Check, 64 in flight" "keygate / noop RPC/s ($k / $n)" "${ratio}×" "≥ 0.90×" "$(verdict "$ratio >= 0.90")"
+}
+
+# --- 3. Cache misses ------------------------------------------------------------------------
+scenario_miss() {
+  log "3. cache miss: first use of fresh keys"
+  local line first cached argon2
+  line=$("$BENCH" first-use --admin-addr "127.0.0.1:$ADMIN_kg" --addr "127.0.0.1:$MAIN_kg" \
+    --keys "$FIRST_USE_KEYS")
+  raw "$line"
+  first=$(field first_p50_us "$line"); cached=$(field cached_p50_us "$line")
+  argon2=$(field argon2_verify_us "$line")
+  result "3. first use of a key" "first Authorize p50 vs one argon2 verify ($argon2 µs)" "$(calc "$first / 1000" 1) ms ($(calc "$first / $argon2" 2)×)" "≤ 1.5× argon2" "$(verdict "$first <= 1.5 * $argon2")"
+  result "3. first use of a key" "the same key, cached: Authorize p50" "$cached µs" "(context)" "-"
+
+  log "3. wrong-secret flood beside good-key traffic"
+  local ids=() i
+  for i in 1 2 3 4; do
+    ids+=("$("$BENCH" create-key --admin-addr "127.0.0.1:$ADMIN_kg" --name "flood-target-$i" | sed 's/^uk\([0-9]*\)_.*/\1/')")
+  done
+  line=$("$BENCH" --threads 1 flood --addr "127.0.0.1:$MAIN_kg" --key "$KEY" --flood-ids "${ids[@]}" \
+    --good-concurrency 2 --flood-concurrency 64 --phase-secs "$FLOOD_PHASE_SECS" --rounds "$FLOOD_ROUNDS")
+  raw "$line"
+  local quiet flooded ratio
+  quiet=$(field quiet_p99_us "$line"); flooded=$(field flood_p99_us "$line")
+  ratio=$(calc "$flooded / $quiet" 2)
+  result "3. wrong-secret flood" "good-key p99 flooded / quiet ($flooded / $quiet µs)" "${ratio}×" "≤ 2×" "$(verdict "$ratio <= 2")"
+}
+
+# --- 4. Revocation across replicas ------------------------------------------------------------------
+scenario_revocation() {
+  log "4. revocation: disable on replica A, time until replica B denies ($TRIALS trials)"
+  start_keygate replica "$PG_BASE/$DB"
+  wait_serving "$MAIN_replica" >/dev/null
+  local line p99
+  line=$("$BENCH" --threads 1 revocation --a-admin "127.0.0.1:$ADMIN_kg" \
+    --b-addr "127.0.0.1:$MAIN_replica" --trials "$TRIALS" --load-concurrency 8)
+  raw "$line"
+  p99=$(field p99_ms "$line")
+  result "4. revocation, A → B" "time to B's first deny, p99 of $(field trials "$line") (p50 $(field p50_ms "$line") ms)" "$p99 ms" "≤ 50 ms" "$(verdict "$p99 <= 50")"
+  stop_pid "$PID_replica"
+}
+
+# --- 5. Scale ---------------------------------------------------------------------------------------
+scenario_scale() {
+  local small=${DB}_10 large=${DB}_big secret random phc
+  createdb "$small"; DBS+=("$small")
+  createdb "$large"; DBS+=("$large")
+  read -r random phc < <("$BENCH" scale-secret)
+  log "5. scale: inserting 10 and $SCALE_KEYS keys (ids above 1000 disabled)"
+  local db count started
+  for db in "$small" "$large"; do
+    case $db in "$small") count=10 ;; *) count=$SCALE_KEYS ;; esac
+    "$BENCH" migrate --database-url "$PG_BASE/$db"
+    started=$(date +%s)
+    # Bulk rows share one real argon2id hash. The replication role skips the change-feed
+    # triggers (nobody listens yet); the lockout flag is set as CreateKey would set it.
+    psql -q -v ON_ERROR_STOP=1 -d "$db" -v phc="$phc" -v n="$count" <<'SQL'
+SET session_replication_role = replica;
+INSERT INTO api_keys (name, secret_hash, created_at, enabled, created_by)
+SELECT 'bulk-' || g, :'phc', now(), g <= 1000, 'bench' FROM generate_series(1, :n) AS g;
+UPDATE auth_mode SET api_keys_enabled = true, locked_at = now();
+ANALYZE api_keys;
+SQL
+    raw "scale db=$db keys=$count insert_secs=$(( $(date +%s) - started ))"
+  done
+
+  log "5. start-up time (process start to SERVING), interleaved"
+  declare -A startup
+  local i line
+  # Boot 0 of each database is not counted: it creates the bootstrap operator (one argon2
+  # hash) and warms Postgres's caches.
+  for i in $(seq 0 "$STARTUPS"); do
+    for db in "$small" "$large"; do
+      start_keygate boot "$PG_BASE/$db"
+      line=$(wait_serving "$MAIN_boot" --since-unix-ns "$LAUNCHED_AT_NS")
+      stop_pid "$PID_boot"
+      raw "startup boot=$i db=$db $line"
+      [ "$i" = 0 ] || startup[$db]+=" $(field after_ms "$line")"
+    done
+  done
+  local s l ratio
+  s=$(median <<<"${startup[$small]}"); l=$(median <<<"${startup[$large]}")
+  ratio=$(calc "$l / $s" 2)
+  # Tens of milliseconds either way: a ratio alone would judge scheduling noise.
+  result "5. scale: start-up" "$SCALE_KEYS keys / 10 keys, median of $STARTUPS ($l / $s ms)" "${ratio}×" "~1 (≤ 1.25× or ≤ +10 ms)" "$(verdict "$ratio <= 1.25 || $l - $s <= 10")"
+
+  log "5. Authorize throughput over 10 hot keys, $SCALE_KEYS-key versus 10-key database"
+  start_keygate small "$PG_BASE/$small"
+  start_keygate large "$PG_BASE/$large"
+  wait_serving "$MAIN_small" >/dev/null
+  wait_serving "$MAIN_large" >/dev/null
+  declare -A rps
+  local port rep
+  for db in small large; do
+    port=MAIN_$db
+    "$BENCH" touch --addr "127.0.0.1:${!port}" --ids 1 10 --random "$random" >/dev/null
+  done
+  for rep in $(seq "$GRPC_REPS"); do
+    for db in $(if [ $((rep % 2)) = 1 ]; then echo small large; else echo large small; fi); do
+      port=MAIN_$db
+      line=$("$BENCH" --threads 1 load --addr "127.0.0.1:${!port}" --rpc authorize \
+        --ids 1 10 --random "$random" --connections 2 --concurrency 64 \
+        --duration-secs "$LOAD_SECS" --label "authorize-$db")
+      raw "$line rep=$rep"
+      rps[$db]+=" $(field rps "$line")"
+    done
+  done
+  stop_pid "$PID_small"; stop_pid "$PID_large"
+  s=$(median <<<"${rps[small]}"); l=$(median <<<"${rps[large]}")
+  ratio=$(calc "$l / $s" 3)
+  result "5. scale: Authorize throughput" "$SCALE_KEYS keys / 10 keys ($l / $s RPC/s)" "${ratio}×" "~1 (≥ 0.90×)" "$(verdict "$ratio >= 0.90")"
+
+  log "5. memory: cache bound $CACHE_BOUND, touching $((CACHE_BOUND + TOUCH_EXTRA)) distinct keys"
+  local bounded_rss=() unbounded_rss=() capacity name touched
+  for capacity in "$CACHE_BOUND" 10000000; do
+    case $capacity in "$CACHE_BOUND") name=bounded ;; *) name=unbounded ;; esac
+    start_keygate "$name" "$PG_BASE/$large" KEYGATE_CACHE_CAPACITY="$capacity"
+    port=MAIN_$name
+    wait_serving "${!port}" >/dev/null
+    local pid_var=PID_$name rss=()
+    "$BENCH" touch --addr "127.0.0.1:${!port}" --ids 1 10 --random "$random" >/dev/null
+    sleep 1; rss+=("$(rss_kib "${!pid_var}")")
+    # Disabled keys: each is a store read and a cache entry, decided before any argon2 run.
+    "$BENCH" touch --addr "127.0.0.1:${!port}" --ids 1001 $((1000 + CACHE_BOUND)) \
+      --random "$random" --concurrency 32 >/dev/null
+    sleep 1; rss+=("$(rss_kib "${!pid_var}")")
+    touched=$((1000 + CACHE_BOUND + TOUCH_EXTRA))
+    line=$("$BENCH" touch --addr "127.0.0.1:${!port}" --ids $((1001 + CACHE_BOUND)) "$touched" \
+      --random "$random" --concurrency 32)
+    sleep 1; rss+=("$(rss_kib "${!pid_var}")")
+    raw "memory capacity=$capacity rss_kib_warm=${rss[0]} rss_kib_after_${CACHE_BOUND}=${rss[1]} rss_kib_after_$((CACHE_BOUND + TOUCH_EXTRA))=${rss[2]} ($line)"
+    stop_pid "${!pid_var}"
+    if [ "$name" = bounded ]; then bounded_rss=("${rss[@]}"); else unbounded_rss=("${rss[@]}"); fi
+  done
+  local growth ugrowth
+  growth=$(calc "(${bounded_rss[2]} - ${bounded_rss[1]}) / 1024" 1)
+  ugrowth=$(calc "(${unbounded_rss[2]} - ${unbounded_rss[1]}) / 1024" 1)
+  result "5. scale: memory, cache $CACHE_BOUND" "RSS growth from $CACHE_BOUND to $((CACHE_BOUND + TOUCH_EXTRA)) keys touched" "$growth MiB (unbounded: $ugrowth MiB)" "≤ 10% of RSS" "$(verdict "${bounded_rss[2]} <= 1.10 * ${bounded_rss[1]}")"
+  result "5. scale: memory, cache $CACHE_BOUND" "RSS warm / full cache / after $((CACHE_BOUND + TOUCH_EXTRA))" "$((bounded_rss[0] / 1024)) / $((bounded_rss[1] / 1024)) / $((bounded_rss[2] / 1024)) MiB" "(context)" "-"
+}
+
+echo
+printf '%-34s %-46s %-22s %-18s %s\n' SCENARIO MEASUREMENT VALUE TARGET VERDICT
+# (In `if`, not `&&`: a function called on the left of `&&` would run without `set -e`.)
+if wants 1; then scenario_envoy; fi
+if wants 2; then scenario_grpc; fi
+if wants 3; then scenario_miss; fi
+if wants 4; then scenario_revocation; fi
+if wants 5; then scenario_scale; fi
+
+TABLE=$(
+  echo "| scenario | measurement | value | target | verdict |"
+  echo "|---|---|---|---|---|"
+  printf '%s\n' "${RESULTS[@]}"
+)
+echo
+echo "$TABLE"
+log "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+if [ "$SAVE" = 1 ]; then
+  {
+    echo "# keygate benchmark results"
+    echo
+    echo "- date: $(date -u '+%F %T') UTC"
+    echo "- machine: $(uname -srm), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM"
+    echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
+    echo "- command: \`bash bench/run.sh $ARGS\`"
+    echo "- load average before / after: $(grep -m1 'load before' "$RUN_LOG" | sed 's/.*run: //') / $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo
+    echo "$TABLE"
+    echo
+    echo "Raw measurements:"
+    echo
+    echo '```'
+    printf '%s\n' "${RAW[@]}"
+    echo '```'
+  } >bench/RESULTS.md
+  log "wrote bench/RESULTS.md"
+fi

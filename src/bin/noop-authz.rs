@@ -1,0 +1,112 @@
+//! The benchmarks' baseline: an authorization server that allows everything without looking at
+//! the request. It serves the same two RPCs as keygate's main port
+//! (`envoy.service.auth.v3.Authorization/Check` and `keygate.v1.Authorizer/Authorize`) with the
+//! same stack (tokio's default multi-threaded runtime, tonic, the same HTTP/2 server settings),
+//! so the difference between the two is what keygate's decision costs.
+//!
+//! With `--answer keygate` it allows with the same response keygate gives a key (identity
+//! headers, removed headers, dynamic metadata), built the same way, so Envoy does the same work
+//! for both and only the decision itself differs.
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use envoy_types::{
+    ext_authz::v3::{
+        CheckResponseExt, OkHttpResponseBuilder,
+        pb::{Authorization, AuthorizationServer, CheckRequest, CheckResponse, HeaderAppendAction},
+    },
+    pb::google::protobuf::{Struct, Value, value::Kind},
+};
+use keygate::grpc::proto::{
+    AuthorizeRequest, AuthorizeResponse,
+    authorizer_server::{Authorizer, AuthorizerServer},
+};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status, transport::Server};
+
+#[derive(Parser)]
+#[command(about = "No-op ext_authz server (allows everything): the benchmarks' baseline")]
+struct Args {
+    #[arg(long, env = "NOOP_AUTHZ_LISTEN", default_value = "127.0.0.1:50061")]
+    listen: SocketAddr,
+    /// What an allow carries: nothing, or what keygate sends for a key.
+    #[arg(long, value_enum, default_value_t = Answer::Plain)]
+    answer: Answer,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Answer {
+    Plain,
+    Keygate,
+}
+
+struct AllowAll {
+    answer: Answer,
+}
+
+#[tonic::async_trait]
+impl Authorization for AllowAll {
+    async fn check(&self, _: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let mut response = CheckResponse::with_status(Status::ok(""));
+        let mut http = OkHttpResponseBuilder::new();
+        if self.answer == Answer::Keygate {
+            // As src/grpc/envoy.rs answers an allowed key (id 1, named "bench").
+            let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+            http.add_header("x-keygate-key-id", 1.to_string(), overwrite, false)
+                .add_header("x-keygate-key-name", "bench".to_owned(), overwrite, true)
+                .remove_header("x-keygate-user")
+                .remove_header("authorization");
+            let text = |s: String| Value {
+                kind: Some(Kind::StringValue(s)),
+            };
+            let mut fields = HashMap::with_capacity(3);
+            fields.insert("decision".to_owned(), text("ALLOWED".to_owned()));
+            fields.insert("key_id".to_owned(), text(1.to_string()));
+            fields.insert("key_name".to_owned(), text("bench".to_owned()));
+            response.set_dynamic_metadata(Some(Struct { fields }));
+        }
+        response.set_http_response(http);
+        Ok(Response::new(response))
+    }
+}
+
+#[tonic::async_trait]
+impl Authorizer for AllowAll {
+    async fn authorize(
+        &self,
+        _: Request<AuthorizeRequest>,
+    ) -> Result<Response<AuthorizeResponse>, Status> {
+        Ok(Response::new(AuthorizeResponse {
+            allowed: true,
+            ..Default::default()
+        }))
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    eprintln!("noop-authz listening on {}", listener.local_addr()?);
+    // The same server settings as keygate's (src/startup.rs).
+    Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(AuthorizationServer::new(AllowAll {
+            answer: args.answer,
+        }))
+        .add_service(AuthorizerServer::new(AllowAll {
+            answer: args.answer,
+        }))
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
