@@ -15,6 +15,9 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Default)]
 pub struct UsageRecorder {
     pending: Mutex<HashMap<i64, DateTime<Utc>>>,
+    /// One flush at a time: the final flush at shutdown must wait for a periodic one that has
+    /// already taken the queue, or that one's batch could be cut off mid-write and lost.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl UsageRecorder {
@@ -31,6 +34,7 @@ impl UsageRecorder {
 
     /// Writes what is queued. On failure the uses go back into the queue for the next flush.
     pub async fn flush(&self, store: &DynStore) -> bool {
+        let _flushing = self.flushing.lock().await;
         let batch: Vec<(i64, DateTime<Utc>)> = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             pending.drain().collect()
