@@ -442,11 +442,13 @@ SQL
 echo
 printf '%-34s %-46s %-22s %-18s %s\n' SCENARIO MEASUREMENT VALUE TARGET VERDICT
 # (In `if`, not `&&`: a function called on the left of `&&` would run without `set -e`.)
-if wants 1; then scenario_envoy; fi
-if wants 2; then scenario_grpc; fi
-if wants 3; then scenario_miss; fi
-if wants 4; then scenario_revocation; fi
-if wants 5; then scenario_scale; fi
+# The load average as each scenario starts (other work on the machine skews every figure).
+loadavg() { raw "load average before scenario $1: $(cut -d' ' -f1-3 /proc/loadavg)"; }
+if wants 1; then loadavg 1; scenario_envoy; fi
+if wants 2; then loadavg 2; scenario_grpc; fi
+if wants 3; then loadavg 3; scenario_miss; fi
+if wants 4; then loadavg 4; scenario_revocation; fi
+if wants 5; then loadavg 5; scenario_scale; fi
 
 TABLE=$(
   echo "| scenario | measurement | value | target | verdict |"
