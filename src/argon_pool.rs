@@ -1,11 +1,12 @@
 //! argon2 work off the async runtime, on a bounded number of dedicated threads. A flood of wrong
 //! secrets queues here instead of starving the runtime threads that serve cached credentials.
 //!
-//! The threads run at a lower scheduling priority (nice +10, Linux) than the runtime's: when a
-//! flood keeps them busy, a runtime thread that wakes up for a cached good key still gets a CPU
-//! at once instead of waiting out an argon2 thread's time slice. On a two-core machine this is
-//! the difference between good-key latency that holds under a flood and one that multiplies
-//! (bench/, scenario 3). argon2 still gets the CPU the request path leaves idle.
+//! The threads can run at a lower scheduling priority (`KEYGATE_ARGON2_NICE`, Linux) than the
+//! runtime's: when a flood keeps them busy, a runtime thread that wakes up for a cached good key
+//! then gets a CPU at once instead of waiting out an argon2 thread's time slice (bench/,
+//! scenario 3). The default is 0, not lower: on a CPU-saturated replica a niced argon2 thread
+//! starves, and a first use of a good key then outlasts the gateway's ext_authz timeout (seen
+//! as 503s in tests/api/restarts.rs, where restarted replicas must verify keys under load).
 
 use std::{
     panic::AssertUnwindSafe,
@@ -16,9 +17,6 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::{domain::hashing::SecretHasher, metrics::Metrics};
-
-/// How much lower than the rest of the process the argon2 threads run (added to the nice value).
-const NICE_INCREMENT: i32 = 10;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -43,6 +41,7 @@ impl ArgonPool {
         hasher: SecretHasher,
         workers: usize,
         max_queued: usize,
+        nice_increment: i32,
         metrics: Arc<Metrics>,
     ) -> Self {
         let workers = workers.max(1);
@@ -53,7 +52,9 @@ impl ArgonPool {
             std::thread::Builder::new()
                 .name(format!("argon2-{i}"))
                 .spawn(move || {
-                    lower_priority();
+                    if nice_increment > 0 {
+                        lower_priority(nice_increment);
+                    }
                     loop {
                         // The lock is held only while waiting for the next job.
                         let job = match queue.lock() {
@@ -128,13 +129,13 @@ impl ArgonPool {
 }
 
 #[cfg(target_os = "linux")]
-fn lower_priority() {
+fn lower_priority(increment: i32) {
     // On Linux the nice value belongs to the thread, and glibc's nice() changes the calling
     // thread's only. Raising it needs no privilege.
     // SAFETY: nice() has no memory-safety preconditions.
     let changed = unsafe {
         *libc::__errno_location() = 0;
-        libc::nice(NICE_INCREMENT) != -1 || *libc::__errno_location() == 0
+        libc::nice(increment) != -1 || *libc::__errno_location() == 0
     };
     if !changed {
         tracing::warn!(
@@ -145,9 +146,8 @@ fn lower_priority() {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_priority() {
+fn lower_priority(_increment: i32) {
     // Elsewhere the nice value is per process: leave it alone.
-    let _ = NICE_INCREMENT;
 }
 
 /// Decrements the queue-depth gauge however `run` exits (including cancellation).

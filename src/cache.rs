@@ -332,7 +332,11 @@ mod tests {
             parallelism: 1,
         })
         .unwrap();
-        CredentialCache::new(10, ArgonPool::new(hasher, 1, 4, metrics.clone()), metrics)
+        CredentialCache::new(
+            10,
+            ArgonPool::new(hasher, 1, 4, 0, metrics.clone()),
+            metrics,
+        )
     }
 
     #[test]

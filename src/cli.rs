@@ -53,6 +53,7 @@ pub async fn run_user_command(command: UserCommand) -> CliResult {
         SecretHasher::new(args.hashing.params())?,
         1,
         1,
+        0,
         metrics.clone(),
     );
     let cache = std::sync::Arc::new(CredentialCache::new(1, argon.clone(), metrics));

@@ -186,6 +186,10 @@ pub struct ServeArgs {
     /// argon2 jobs allowed to wait; beyond this a request gets UNAVAILABLE instead of queueing.
     #[arg(long, env = "KEYGATE_ARGON2_MAX_QUEUE", default_value_t = 1024)]
     pub argon2_max_queue: usize,
+    /// Lower the argon2 threads' scheduling priority by this much (Linux nice, 0..=19): keeps
+    /// cached keys fast under a flood of wrong secrets, but slows first uses on a busy CPU.
+    #[arg(long, env = "KEYGATE_ARGON2_NICE", default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub argon2_nice: i32,
     /// Keys held in the verified-credential cache.
     #[arg(long, env = "KEYGATE_CACHE_CAPACITY", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub cache_capacity: u64,
