@@ -90,12 +90,7 @@ impl Operators {
         password: &SecretString,
     ) -> Result<(), UserAdminError> {
         let username = parse_username(username).map_err(|e| UserAdminError::Invalid(e.0))?;
-        check_password(password.expose_secret()).map_err(|e| UserAdminError::Invalid(e.0))?;
-        let hash = self
-            .argon
-            .hash(password.clone())
-            .await
-            .map_err(|_| UserAdminError::Overloaded)?;
+        let hash = self.hash_new_password(password).await?;
         match self.store.create_user(&username, &hash).await {
             Ok(()) => Ok(()),
             Err(StoreError::UserExists) => Err(UserAdminError::Exists(username)),
@@ -103,17 +98,21 @@ impl Operators {
         }
     }
 
+    /// Checks a new password's length and hashes it with the configured parameters.
+    async fn hash_new_password(&self, password: &SecretString) -> Result<String, UserAdminError> {
+        check_password(password.expose_secret()).map_err(|e| UserAdminError::Invalid(e.0))?;
+        self.argon
+            .hash(password.clone())
+            .await
+            .map_err(|_| UserAdminError::Overloaded)
+    }
+
     pub async fn set_password(
         &self,
         username: &str,
         password: &SecretString,
     ) -> Result<(), UserAdminError> {
-        check_password(password.expose_secret()).map_err(|e| UserAdminError::Invalid(e.0))?;
-        let hash = self
-            .argon
-            .hash(password.clone())
-            .await
-            .map_err(|_| UserAdminError::Overloaded)?;
+        let hash = self.hash_new_password(password).await?;
         if !self.store.set_user_password(username, &hash).await? {
             return Err(UserAdminError::NotFound(username.to_owned()));
         }

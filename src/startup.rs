@@ -151,6 +151,7 @@ impl Services {
             hasher,
             settings.argon2_workers(),
             settings.argon2_max_queue,
+            settings.argon2_nice,
             metrics.clone(),
         );
         let cache = Arc::new(CredentialCache::new(
@@ -261,16 +262,7 @@ impl Application {
             metrics_listener,
         } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
-        for service in [
-            "",
-            AUTHORIZER_SERVICE,
-            ENVOY_AUTHORIZATION_SERVICE,
-            KEY_ADMIN_SERVICE,
-        ] {
-            health
-                .set_service_status(service, ServingStatus::NotServing)
-                .await;
-        }
+        set_every_service(&health, ServingStatus::NotServing).await;
         let envoy_descriptors =
             envoy_ext_authz_descriptors().map_err(|e| StartupError::Reflection(e.to_string()))?;
 
@@ -377,16 +369,7 @@ impl Application {
 
         shutdown.await;
         tracing::info!("shutting down: reporting NOT_SERVING");
-        for service in [
-            "",
-            AUTHORIZER_SERVICE,
-            ENVOY_AUTHORIZATION_SERVICE,
-            KEY_ADMIN_SERVICE,
-        ] {
-            health
-                .set_service_status(service, ServingStatus::NotServing)
-                .await;
-        }
+        set_every_service(&health, ServingStatus::NotServing).await;
         tokio::time::sleep(Duration::from_secs(settings.shutdown_delay_secs)).await;
         let _ = stopping_tx.send(true);
         let grace = Duration::from_secs(settings.shutdown_grace_secs);
@@ -417,6 +400,18 @@ impl Application {
     }
 }
 
+/// Reports `status` for the whole server and for each service it can serve.
+async fn set_every_service(health: &HealthReporter, status: ServingStatus) {
+    for service in [
+        "",
+        AUTHORIZER_SERVICE,
+        ENVOY_AUTHORIZATION_SERVICE,
+        KEY_ADMIN_SERVICE,
+    ] {
+        health.set_service_status(service, status).await;
+    }
+}
+
 /// Migrates (retrying until the database answers), creates the bootstrap user, reports
 /// SERVING, then keeps KeyAdmin's health in step with the store's reachability.
 async fn readiness(
@@ -442,16 +437,7 @@ async fn readiness(
     if *stopping.borrow() {
         return;
     }
-    for service in [
-        "",
-        AUTHORIZER_SERVICE,
-        ENVOY_AUTHORIZATION_SERVICE,
-        KEY_ADMIN_SERVICE,
-    ] {
-        health
-            .set_service_status(service, ServingStatus::Serving)
-            .await;
-    }
+    set_every_service(&health, ServingStatus::Serving).await;
     tracing::info!(store = %services.store.describe(), "store ready; serving");
     // While the store is unreachable, Authorize keeps answering from its cache, so the process
     // stays SERVING; only KeyAdmin, which needs the store for every call, reports NOT_SERVING.
