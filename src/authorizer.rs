@@ -14,7 +14,7 @@ use chrono::Utc;
 
 use crate::{
     argon_pool::Overloaded,
-    cache::{CachedKey, CredentialCache},
+    cache::{CachedKey, CredentialCache, Unverified},
     domain::{
         credentials::{CredentialsError, parse_authorization},
         decision::{Decision, DenyReason, Principal, check_key_state},
@@ -160,18 +160,23 @@ impl Authorizer {
             }
             let fingerprint = self.cache.fingerprint(&key.secret, parsed.random);
             if !self.cache.is_verified(&key.secret, &fingerprint) {
-                // Step 5: only uncached verification work is rate limited.
-                let attempt = match self.limiter.begin(client) {
-                    Ok(attempt) => attempt,
-                    Err(retry_after) => return Ok(rate_limited(retry_after)),
-                };
+                // Step 5: only uncached verification work is rate limited (inside `verify`).
                 // Boxed: the verification's future (moka's coalescing, the argon2 pool) is
                 // kilobytes, and inline it would make every request's future that big.
-                let matched =
-                    Box::pin(self.cache.verify(&key.secret, parsed.random, fingerprint)).await?;
-                if !matched {
-                    attempt.failed();
-                    return Ok(Decision::deny(DenyReason::InvalidCredentials));
+                let verified = Box::pin(self.cache.verify(
+                    &key.secret,
+                    parsed.random,
+                    fingerprint,
+                    Some((&self.limiter, client)),
+                ))
+                .await;
+                match verified {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(Decision::deny(DenyReason::InvalidCredentials)),
+                    Err(Unverified::RateLimited(retry_after)) => {
+                        return Ok(rate_limited(retry_after));
+                    }
+                    Err(Unverified::Overloaded) => return Err(DecideError::Overloaded),
                 }
                 // The key may have been disabled or deleted while argon2 ran; decide on its
                 // current state rather than on what it was when this request arrived.
@@ -277,25 +282,36 @@ pub async fn verify_user(
     if active && cache.is_verified(&entry.secret, &fingerprint) {
         return Ok(UserCheck::Valid);
     }
-    let attempt = match limiter.map(|(limiter, client)| limiter.begin(client)) {
-        None => None,
-        Some(Ok(attempt)) => Some(attempt),
-        Some(Err(retry_after)) => return Ok(UserCheck::Refused(rate_limited(retry_after))),
-    };
     let valid = if active {
-        cache.verify(&entry.secret, password, fingerprint).await?
+        match cache
+            .verify(&entry.secret, password, fingerprint, limiter)
+            .await
+        {
+            Ok(valid) => valid,
+            Err(Unverified::RateLimited(retry_after)) => {
+                return Ok(UserCheck::Refused(rate_limited(retry_after)));
+            }
+            Err(Unverified::Overloaded) => return Err(DecideError::Overloaded),
+        }
     } else {
+        // Nothing to share here: every unknown name costs its own dummy run, paid for with a
+        // token like any other argon2 run.
+        let attempt = match limiter.map(|(limiter, client)| limiter.begin(client)) {
+            None => None,
+            Some(Ok(attempt)) => Some(attempt),
+            Some(Err(retry_after)) => return Ok(UserCheck::Refused(rate_limited(retry_after))),
+        };
         cache.burn_dummy_verify(password).await?;
-        false
-    };
-    if valid {
-        Ok(UserCheck::Valid)
-    } else {
         if let Some(attempt) = attempt {
             attempt.failed();
         }
-        Ok(UserCheck::Invalid)
-    }
+        false
+    };
+    Ok(if valid {
+        UserCheck::Valid
+    } else {
+        UserCheck::Invalid
+    })
 }
 
 #[cfg(test)]

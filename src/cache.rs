@@ -8,9 +8,10 @@
 //! from the store, and re-validated periodically in case a notification was missed.
 
 use std::{
+    net::IpAddr,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -26,7 +27,17 @@ use crate::{
     argon_pool::{ArgonPool, Overloaded},
     domain::model::{KeyRecord, UserRecord},
     metrics::Metrics,
+    rate_limit::FailureLimiter,
 };
+
+/// Why a verification gave no verdict.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Unverified {
+    /// The client's failure budget is spent: retry after this long.
+    RateLimited(Duration),
+    /// Too many argon2 runs are queued.
+    Overloaded,
+}
 
 /// HMAC-SHA256 output identifying one (stored hash, presented secret) pair.
 pub type Fingerprint = [u8; 32];
@@ -224,25 +235,57 @@ impl CredentialCache {
 
     /// Runs (or joins, or skips thanks to a remembered verdict) the argon2 verification of
     /// `presented` against `secret`, and remembers a match in `secret`.
+    ///
+    /// With a `limiter`, the client's failure budget is charged as SPEC section 3, step 5 asks:
+    /// a request that would start an argon2 run must first take a token (so a client's wrong
+    /// secrets in flight are bounded by its burst, not by its concurrency), and that token is
+    /// spent only if the secret was wrong. Requests that join a run already in flight for the
+    /// same secret, or that find its verdict remembered, cost no argon2 and take no token up
+    /// front; a wrong secret still costs each of them a failure. So a fresh good key used by
+    /// many concurrent requests from one address is never rate limited.
     pub async fn verify(
         &self,
         secret: &HashedSecret,
         presented: &str,
         fingerprint: Fingerprint,
-    ) -> Result<bool, Overloaded> {
+        limiter: Option<(&FailureLimiter, Option<IpAddr>)>,
+    ) -> Result<bool, Unverified> {
         let phc = secret.phc.clone();
         let presented = SecretString::from(presented.to_owned());
         let argon = &self.argon;
+        // Only the request whose `init` runs (moka's leader) pays the token up front.
+        let led = AtomicBool::new(false);
+        let init = async {
+            led.store(true, Ordering::Relaxed);
+            let attempt = match limiter {
+                Some((limiter, client)) => {
+                    Some(limiter.begin(client).map_err(Unverified::RateLimited)?)
+                }
+                None => None,
+            };
+            let matched = argon
+                .verify(phc, presented)
+                .await
+                .map_err(|Overloaded| Unverified::Overloaded)?;
+            if !matched && let Some(attempt) = attempt {
+                attempt.failed();
+            }
+            Ok(matched)
+        };
         let matched = self
             .verdicts
-            .try_get_with(
-                fingerprint,
-                async move { argon.verify(phc, presented).await },
-            )
+            .try_get_with(fingerprint, init)
             .await
-            .map_err(|shared: Arc<Overloaded>| *shared)?;
+            .map_err(|shared: Arc<Unverified>| *shared)?;
         if matched {
             let _ = secret.verified.set(fingerprint);
+        } else if !led.load(Ordering::Relaxed)
+            && let Some((limiter, client)) = limiter
+        {
+            limiter
+                .begin(client)
+                .map_err(Unverified::RateLimited)?
+                .failed();
         }
         Ok(matched)
     }

@@ -128,4 +128,75 @@ async fn a_secret_spray_is_throttled_before_argon2_and_good_keys_keep_working(
     assert_eq!(other.reason(), DenyReason::InvalidCredentials);
 }
 
-both_backends!(a_secret_spray_is_throttled_before_argon2_and_good_keys_keep_working);
+/// Concurrent first uses of a good key from one address share one argon2 run and take no
+/// failure budget: none of them is rate limited, however small the burst.
+async fn a_fresh_key_used_concurrently_by_one_client_is_never_rate_limited(backend: TestBackend) {
+    const BURST: u32 = 2;
+    const REQUESTS: usize = 48;
+    let app = spawn_app_with(&backend, |settings| {
+        settings.rate_limit_burst = BURST;
+        settings.rate_limit_per_minute = 1;
+    })
+    .await;
+    let (_, good) = app.create_key("fresh").await;
+    let matches = "keygate_argon2_verifications_total{result=\"match\"}";
+    let before = app.metric(matches).await;
+
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let mut authorizer = app.authorizer.clone();
+            let header = bearer(&good);
+            tokio::spawn(async move {
+                authorizer
+                    .authorize(keygate::grpc::proto::AuthorizeRequest {
+                        authorization: header,
+                        client_address: ATTACKER.into(),
+                    })
+                    .await
+                    .expect("Authorize")
+                    .into_inner()
+            })
+        })
+        .collect();
+    let mut denied = Vec::new();
+    for request in requests {
+        let response = request.await.unwrap();
+        if !response.allowed {
+            denied.push(response.reason());
+        }
+    }
+    assert!(
+        denied.is_empty(),
+        "{} of {REQUESTS} concurrent first uses denied: {denied:?}",
+        denied.len()
+    );
+    let runs = app.metric(matches).await - before;
+    assert_eq!(
+        runs, 1.0,
+        "argon2 runs for one fresh key used {REQUESTS} times at once"
+    );
+
+    // The budget is untouched: the client can still fail BURST times before being limited.
+    let (key, _) = app.create_key("other").await;
+    for n in 0..BURST as usize {
+        let response = app
+            .try_authorize(&bearer(&forged(key.id, n)), ATTACKER)
+            .await
+            .unwrap();
+        assert_eq!(
+            response.reason(),
+            DenyReason::InvalidCredentials,
+            "failure {n}"
+        );
+    }
+    let response = app
+        .try_authorize(&bearer(&forged(key.id, BURST as usize)), ATTACKER)
+        .await
+        .unwrap();
+    assert_eq!(response.reason(), DenyReason::RateLimited);
+}
+
+both_backends!(
+    a_secret_spray_is_throttled_before_argon2_and_good_keys_keep_working,
+    a_fresh_key_used_concurrently_by_one_client_is_never_rate_limited,
+);
