@@ -180,6 +180,10 @@ pub struct ServeArgs {
     /// Remove the Authorization header from requests Envoy lets through.
     #[arg(long, env = "KEYGATE_STRIP_AUTHORIZATION", default_value_t = true, action = clap::ArgAction::Set)]
     pub strip_authorization: bool,
+    /// Also put allows in Envoy's dynamic metadata (`decision`, `key_id`, `key_name` or `user`);
+    /// denies always carry their `decision`.
+    #[arg(long, env = "KEYGATE_ENVOY_ALLOW_METADATA", default_value_t = false, action = clap::ArgAction::Set)]
+    pub envoy_allow_metadata: bool,
     /// Threads that run argon2 (default: half the CPUs, at least one).
     #[arg(long, env = "KEYGATE_ARGON2_WORKERS", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub argon2_workers: Option<u32>,

@@ -275,6 +275,7 @@ impl Application {
                 CheckOptions {
                     realm: settings.realm.clone(),
                     strip_authorization: settings.strip_authorization,
+                    allow_metadata: settings.envoy_allow_metadata,
                 },
             ),
         ))

@@ -1,10 +1,23 @@
 //! Authorize over real gRPC: SPEC section 3, end to end through the store, the cache and argon2.
 
+use std::collections::BTreeMap;
+
+use envoy_types::pb::{
+    envoy::service::auth::v3::{
+        AttributeContext, CheckRequest, CheckResponse,
+        attribute_context::{HttpRequest, Request as AttributeRequest},
+        authorization_client::AuthorizationClient,
+        check_response::HttpResponse,
+    },
+    google::protobuf::value::Kind,
+};
 use keygate::grpc::proto::DenyReason;
 
 use crate::{
     both_backends,
-    helpers::{ADMIN_PASSWORD, ADMIN_USER, TestBackend, basic, bearer, spawn_app},
+    helpers::{
+        ADMIN_PASSWORD, ADMIN_USER, TestBackend, basic, bearer, channel, spawn_app, spawn_app_with,
+    },
 };
 
 async fn basic_auth_works_until_the_first_key_then_never_again(backend: TestBackend) {
@@ -80,7 +93,123 @@ async fn deny_reasons_follow_the_decision_order(backend: TestBackend) {
     assert!(app.authorize(&bearer(&secret)).await.allowed);
 }
 
+async fn check(app_addr: std::net::SocketAddr, authorization: &str) -> CheckResponse {
+    let request = CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(AttributeRequest {
+                http: Some(HttpRequest {
+                    headers: [("authorization".to_owned(), authorization.to_owned())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    AuthorizationClient::new(channel(app_addr).await)
+        .check(request)
+        .await
+        .expect("Check")
+        .into_inner()
+}
+
+/// The dynamic metadata's string fields.
+fn metadata(response: &CheckResponse) -> BTreeMap<String, String> {
+    let Some(metadata) = &response.dynamic_metadata else {
+        return BTreeMap::new();
+    };
+    metadata
+        .fields
+        .iter()
+        .map(|(name, value)| match &value.kind {
+            Some(Kind::StringValue(text)) => (name.clone(), text.clone()),
+            other => panic!("metadata field {name} is {other:?}"),
+        })
+        .collect()
+}
+
+/// What Envoy is told to do to the upstream request: headers set, headers removed.
+fn mutations(response: &CheckResponse) -> (BTreeMap<String, String>, Vec<String>) {
+    let Some(HttpResponse::OkResponse(ok)) = &response.http_response else {
+        panic!("not an OK response: {response:?}");
+    };
+    let set = ok
+        .headers
+        .iter()
+        .map(|option| {
+            let header = option.header.as_ref().expect("a header");
+            (header.key.clone(), header.value.clone())
+        })
+        .collect();
+    let mut removed = ok.headers_to_remove.clone();
+    removed.sort();
+    (set, removed)
+}
+
+/// SPEC section 3: on allow, identity headers for the upstream and no Authorization; on deny,
+/// the reason in dynamic metadata. Allows carry metadata only when configured to.
+async fn check_answers_with_headers_and_reasons(backend: TestBackend) {
+    let app = spawn_app(&backend).await;
+    let (key, secret) = app.create_key("grafana scraper").await;
+
+    let allowed = check(app.main_addr, &bearer(&secret)).await;
+    assert_eq!(allowed.status.as_ref().map(|s| s.code), Some(0));
+    let (set, removed) = mutations(&allowed);
+    assert_eq!(
+        set,
+        BTreeMap::from([
+            ("x-keygate-key-id".to_owned(), key.id.to_string()),
+            (
+                "x-keygate-key-name".to_owned(),
+                "grafana scraper".to_owned()
+            ),
+        ])
+    );
+    assert_eq!(removed, ["authorization", "x-keygate-user"]);
+    assert_eq!(
+        metadata(&allowed),
+        BTreeMap::new(),
+        "no metadata by default"
+    );
+
+    app.set_enabled(key.id, false).await;
+    let denied = check(app.main_addr, &bearer(&secret)).await;
+    assert_eq!(
+        denied.status.as_ref().map(|s| s.code),
+        Some(tonic::Code::Unauthenticated as i32)
+    );
+    assert_eq!(
+        metadata(&denied),
+        BTreeMap::from([("decision".to_owned(), "KEY_DISABLED".to_owned())])
+    );
+    let missing = check(app.main_addr, "").await;
+    assert_eq!(
+        metadata(&missing),
+        BTreeMap::from([("decision".to_owned(), "MISSING_CREDENTIALS".to_owned())])
+    );
+    drop(app);
+
+    // Opted in: allows are described too.
+    let app = spawn_app_with(&backend, |settings| settings.envoy_allow_metadata = true).await;
+    let denied = check(app.main_addr, &bearer(&secret)).await;
+    assert_eq!(
+        metadata(&denied),
+        BTreeMap::from([("decision".to_owned(), "KEY_DISABLED".to_owned())])
+    );
+    app.set_enabled(key.id, true).await;
+    let allowed = check(app.main_addr, &bearer(&secret)).await;
+    assert_eq!(
+        metadata(&allowed),
+        BTreeMap::from([
+            ("decision".to_owned(), "ALLOWED".to_owned()),
+            ("key_id".to_owned(), key.id.to_string()),
+            ("key_name".to_owned(), "grafana scraper".to_owned()),
+        ])
+    );
+}
+
 both_backends!(
+    check_answers_with_headers_and_reasons,
     basic_auth_works_until_the_first_key_then_never_again,
     deny_reasons_follow_the_decision_order,
 );
