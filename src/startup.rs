@@ -4,10 +4,9 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{
     service::Routes,
-    transport::{Certificate, Identity, Server, ServerTlsConfig},
+    transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
 
@@ -331,9 +330,9 @@ impl Application {
             }
         };
         let grpc_server = |listener: &'static str, tls: Option<ServerTlsConfig>| {
-            let builder = Server::builder()
-                .tcp_nodelay(true)
-                .http2_keepalive_interval(Some(Duration::from_secs(30)));
+            // (`tcp_nodelay` here would only apply to sockets the server accepted itself; ours
+            // come from `no_delay`.)
+            let builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
             let builder = match tls {
                 Some(config) => builder
                     .tls_config(config)
@@ -354,13 +353,13 @@ impl Application {
             grpc_server("main", tls.main)?
                 .trace_fn(|request| tracing::debug_span!("rpc", path = %request.uri().path()))
                 .add_routes(main_routes)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(main_listener), closing()),
+                .serve_with_incoming_shutdown(no_delay(main_listener), closing()),
         );
         let admin_server = tokio::spawn(
             grpc_server("admin", tls.admin)?
                 .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
                 .add_routes(admin_routes)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), closing()),
+                .serve_with_incoming_shutdown(no_delay(admin_listener), closing()),
         );
         let metrics_server = tokio::spawn(serve_metrics(
             metrics_listener,
@@ -609,12 +608,24 @@ async fn serve_metrics(
             }
         }),
     );
+    // Nagle off, as on the gRPC listeners: a scrape's reply is headers then body.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |socket| {
+        let _ = socket.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
 /// Resolves on SIGTERM or SIGINT.
+/// Accepted connections with Nagle's algorithm off. tonic ignores its own `tcp_nodelay` for a
+/// listener it did not bind, and with Nagle on, a reply written while an earlier one is still
+/// unacknowledged waits for the peer's delayed ACK: 40 ms on Linux, seen as a 40 ms mode in the
+/// revocation benchmark's replica under load (bench/).
+fn no_delay(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 pub async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -630,5 +641,26 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = interrupt.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = no_delay(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        assert!(accepted.nodelay().unwrap());
     }
 }

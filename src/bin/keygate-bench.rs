@@ -754,6 +754,8 @@ async fn revocation(args: RevocationArgs) -> BenchResult {
     let mut probe = AuthorizerClient::new(b.clone());
     let overall = Instant::now() + MAX_DURATION;
     let mut delays_ms = Vec::new();
+    // How long A took to answer SetKeyEnabled (its commit), per trial.
+    let mut acknowledged_ms = Vec::new();
     let mut set_enabled = async |enabled: bool| {
         admin
             .set_key_enabled(SetKeyEnabledRequest {
@@ -801,7 +803,14 @@ async fn revocation(args: RevocationArgs) -> BenchResult {
         });
         let disabled_at = Instant::now();
         set_enabled(false).await?;
+        let acknowledged_at = Instant::now();
         let denied_at = watching.await.map_err(|e| e.to_string())??;
+        acknowledged_ms.push(
+            acknowledged_at
+                .saturating_duration_since(disabled_at)
+                .as_secs_f64()
+                * 1e3,
+        );
         delays_ms.push(
             denied_at
                 .saturating_duration_since(disabled_at)
@@ -812,6 +821,17 @@ async fn revocation(args: RevocationArgs) -> BenchResult {
     }
     stop.store(true, Ordering::Relaxed);
     while load.join_next().await.is_some() {}
+    let mut slowest: Vec<_> = delays_ms.iter().zip(&acknowledged_ms).collect();
+    slowest.sort_by(|a, b| b.0.total_cmp(a.0));
+    eprintln!(
+        "slowest trials (ms to B's deny / ms to A's answer): {}",
+        slowest
+            .iter()
+            .take(10)
+            .map(|(d, a)| format!("{d:.1}/{a:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     delays_ms.sort_by(f64::total_cmp);
     let pick = |q: f64| delays_ms[((delays_ms.len() as f64 * q) as usize).min(delays_ms.len() - 1)];
     eprintln!(

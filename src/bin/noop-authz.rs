@@ -22,8 +22,10 @@ use keygate::grpc::proto::{
     AuthorizeRequest, AuthorizeResponse,
     authorizer_server::{Authorizer, AuthorizerServer},
 };
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status, transport::Server};
+use tonic::{
+    Request, Response, Status,
+    transport::{Server, server::TcpIncoming},
+};
 
 #[derive(Parser)]
 #[command(about = "No-op ext_authz server (allows everything): the benchmarks' baseline")]
@@ -95,7 +97,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("noop-authz listening on {}", listener.local_addr()?);
     // The same server settings as keygate's (src/startup.rs).
     Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(AuthorizationServer::new(AllowAll {
             answer: args.answer,
@@ -104,9 +105,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             answer: args.answer,
         }))
         .add_service(health_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = tokio::signal::ctrl_c().await;
+            },
+        )
         .await?;
     Ok(())
 }
