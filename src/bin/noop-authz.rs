@@ -4,19 +4,16 @@
 //! same stack (tokio's default multi-threaded runtime, tonic, the same HTTP/2 server settings),
 //! so the difference between the two is what keygate's decision costs.
 //!
-//! With `--answer keygate` it allows with the same response keygate gives a key (identity
-//! headers, removed headers, dynamic metadata), built the same way, so Envoy does the same work
-//! for both and only the decision itself differs.
+//! With `--answer keygate` it allows with the same response keygate gives a key by default
+//! (identity headers, removed headers), built the same way, so Envoy does the same work for
+//! both and only the decision itself differs.
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use envoy_types::{
-    ext_authz::v3::{
-        CheckResponseExt, OkHttpResponseBuilder,
-        pb::{Authorization, AuthorizationServer, CheckRequest, CheckResponse, HeaderAppendAction},
-    },
-    pb::google::protobuf::{Struct, Value, value::Kind},
+use envoy_types::ext_authz::v3::{
+    CheckResponseExt, OkHttpResponseBuilder,
+    pb::{Authorization, AuthorizationServer, CheckRequest, CheckResponse, HeaderAppendAction},
 };
 use keygate::grpc::proto::{
     AuthorizeRequest, AuthorizeResponse,
@@ -53,20 +50,12 @@ impl Authorization for AllowAll {
         let mut response = CheckResponse::with_status(Status::ok(""));
         let mut http = OkHttpResponseBuilder::new();
         if self.answer == Answer::Keygate {
-            // As src/grpc/envoy.rs answers an allowed key (id 1, named "bench").
+            // As src/grpc/envoy.rs answers an allowed key (id 1, named "bench") by default.
             let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
             http.add_header("x-keygate-key-id", 1.to_string(), overwrite, false)
                 .add_header("x-keygate-key-name", "bench".to_owned(), overwrite, true)
                 .remove_header("x-keygate-user")
                 .remove_header("authorization");
-            let text = |s: String| Value {
-                kind: Some(Kind::StringValue(s)),
-            };
-            let mut fields = HashMap::with_capacity(3);
-            fields.insert("decision".to_owned(), text("ALLOWED".to_owned()));
-            fields.insert("key_id".to_owned(), text(1.to_string()));
-            fields.insert("key_name".to_owned(), text("bench".to_owned()));
-            response.set_dynamic_metadata(Some(Struct { fields }));
         }
         response.set_http_response(http);
         Ok(Response::new(response))
