@@ -71,6 +71,9 @@ enum Command {
     WaitServing(WaitArgs),
     /// Authorizes each key of an id range once (to fill the cache).
     Touch(TouchArgs),
+    /// Unloaded HTTP latency through several endpoints (Envoys), one request at a time,
+    /// alternating between them request by request so the machine's drift hits all alike.
+    Alternate(AlternateArgs),
     /// Applies keygate's migrations to a database (for the script's bulk inserts).
     Migrate {
         #[arg(long)]
@@ -238,6 +241,33 @@ struct TouchArgs {
     concurrency: usize,
 }
 
+#[derive(Args)]
+struct AlternateArgs {
+    /// `name=127.0.0.1:port`, repeatable: the endpoints to compare.
+    #[arg(long = "target", value_parser = parse_target, required = true)]
+    targets: Vec<(String, SocketAddr)>,
+    #[arg(long, default_value = "/metrics")]
+    path: String,
+    /// Sent as `Authorization: Bearer <key>`.
+    #[arg(long)]
+    key: String,
+    /// Requests per endpoint.
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
+    #[arg(long, default_value_t = 60.0)]
+    duration_secs: f64,
+}
+
+fn parse_target(value: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = value
+        .split_once('=')
+        .ok_or_else(|| format!("expected name=addr, got {value}"))?;
+    Ok((
+        name.to_owned(),
+        addr.parse().map_err(|e| format!("{addr}: {e}"))?,
+    ))
+}
+
 fn main() {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -267,6 +297,9 @@ fn main() {
             }
             Command::WaitServing(args) => wait_serving(args).await,
             Command::Touch(args) => touch(args).await,
+            Command::Alternate(args) => tokio::task::spawn_blocking(move || alternate(args))
+                .await
+                .map_err(|e| e.to_string())?,
             Command::Migrate { database_url } => keygate::store::connect(&database_url)
                 .await
                 .map_err(|e| e.to_string())?
@@ -940,5 +973,109 @@ async fn touch(args: TouchArgs) -> BenchResult {
             headers.len()
         ));
     }
+    Ok(())
+}
+
+/// One HTTP/1.1 keep-alive connection, blocking: the least client-side noise between the
+/// requests that are timed.
+struct HttpConnection {
+    stream: std::net::TcpStream,
+    request: Vec<u8>,
+    buffer: Vec<u8>,
+}
+
+impl HttpConnection {
+    fn open(addr: SocketAddr, path: &str, key: &str) -> Result<Self, String> {
+        let stream = std::net::TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\r\n")
+                .into_bytes();
+        Ok(Self {
+            stream,
+            request,
+            buffer: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Sends the request, reads the whole response; returns its status code.
+    fn get(&mut self) -> Result<u16, String> {
+        use std::io::{Read, Write};
+        self.stream
+            .write_all(&self.request)
+            .map_err(|e| e.to_string())?;
+        self.buffer.clear();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let read = self.stream.read(&mut chunk).map_err(|e| e.to_string())?;
+            if read == 0 {
+                return Err("connection closed mid-response".to_owned());
+            }
+            self.buffer.extend_from_slice(&chunk[..read]);
+            let Some(end) = self.buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&self.buffer[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or("a response without content-length")?;
+            if self.buffer.len() >= end + 4 + length {
+                let status = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|code| code.parse().ok())
+                    .ok_or("no status line")?;
+                return Ok(status);
+            }
+        }
+    }
+}
+
+fn alternate(args: AlternateArgs) -> BenchResult {
+    let mut connections = args
+        .targets
+        .iter()
+        .map(|(_, addr)| HttpConnection::open(*addr, &args.path, &args.key))
+        .collect::<Result<Vec<_>, _>>()?;
+    let n = connections.len();
+    // Warm-up: every connection once, and caches along each chain.
+    for connection in &mut connections {
+        for _ in 0..200 {
+            connection.get()?;
+        }
+    }
+    let mut latencies: Vec<Vec<u64>> = vec![Vec::with_capacity(args.requests); n];
+    let deadline = Instant::now() + bounded(args.duration_secs);
+    let mut round = 0;
+    while round < args.requests.min(1_000_000) && Instant::now() < deadline {
+        // The first endpoint of each round rotates, so none is always the one that follows a
+        // particular other.
+        for offset in 0..n {
+            let target = (round + offset) % n;
+            let started = Instant::now();
+            let status = connections[target].get()?;
+            let elapsed = started.elapsed();
+            if status != 200 {
+                return Err(format!("{} answered {status}", args.targets[target].0));
+            }
+            latencies[target].push(elapsed.as_nanos() as u64);
+        }
+        round += 1;
+    }
+    let mut line = format!("alternate rounds={round}");
+    for ((name, _), samples) in args.targets.iter().zip(&mut latencies) {
+        samples.sort_unstable();
+        line.push_str(&format!(
+            " {name}_p50_us={:.1} {name}_p90_us={:.1}",
+            percentile_us(samples, 0.5),
+            percentile_us(samples, 0.9)
+        ));
+    }
+    println!("{line}");
     Ok(())
 }
