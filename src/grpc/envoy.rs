@@ -81,8 +81,8 @@ impl EnvoyAuthorizationService {
         let mut response = CheckResponse::with_status(Status::ok(""));
         response.set_http_response(http);
         // Off by default: Envoy parses and merges the metadata on every allowed request, which
-        // costs it about as much as the two identity headers do (bench/RESULTS.md), for
-        // information the upstream request already carries.
+        // costs it about as much as the two identity headers do (callgrind, README's
+        // Benchmarks), for information the upstream request already carries.
         if self.allow_metadata {
             response.set_dynamic_metadata(Some(metadata(None, Some(principal))));
         }
