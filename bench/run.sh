@@ -134,9 +134,10 @@ DB=kg_bench_$$
 createdb "$DB"
 DBS+=("$DB")
 
-# start_keygate NAME DATABASE_URL [VAR=value...]: a release keygate on fresh 127.0.0.1 ports,
-# with nothing from this shell's environment but what is given here. Sets PID_<NAME>,
-# MAIN_<NAME>, ADMIN_<NAME>, METRICS_<NAME>, and LAUNCHED_AT_NS (after the port look-ups).
+# start_keygate NAME DATABASE_URL [VAR=value...] [WRAPPER ARGS...]: a release keygate on fresh
+# 127.0.0.1 ports (run by WRAPPER, e.g. valgrind, if given), with nothing from this shell's
+# environment but what is given here. Sets PID_<NAME>, MAIN_<NAME>, ADMIN_<NAME>,
+# METRICS_<NAME>, and LAUNCHED_AT_NS (after the port look-ups).
 start_keygate() {
   local name=$1 url=$2
   shift 2
@@ -250,8 +251,8 @@ scenario_envoy() {
   log "1. Envoy: warm-up"
   for variant in keygate noop mimic none; do run_wrk "$variant" 8 1 >/dev/null; done
   declare -A rps32 this_rep p50_1
-  # Per repetition, keygate against the no-op run next to it: these paired figures are what the
-  # targets judge (the medians of each variant are shown beside them).
+  # Per repetition, keygate paired with the no-op under the same conditions: the medians of these
+  # pairs are what the targets judge (each variant's own median is shown beside them).
   local paired_ratio32="" sequential_ratio32="" paired_p50_diff="" paired_p50_mimic=""
   local rep r j line variant variants=(keygate noop mimic none)
   # Throughput: short wrk runs, many of them, the variants' order rotating every repetition:
@@ -356,23 +357,20 @@ instructions_per_request() {
 
     # The authorization server under callgrind (a second keygate on the same database), Envoy
     # native.
-    server_port=$(free_port)
     case $variant in
       keygate)
-        local admin_port metrics_port
-        admin_port=$(free_port); metrics_port=$(free_port)
-        env -i PATH="$PATH" HOME="$HOME" RUST_LOG=info KEYGATE_DATABASE_URL="$PG_BASE/$DB" \
-          KEYGATE_LISTEN="127.0.0.1:$server_port" KEYGATE_ADMIN_LISTEN="127.0.0.1:$admin_port" \
-          KEYGATE_METRICS_LISTEN="127.0.0.1:$metrics_port" \
-          valgrind --tool=callgrind --callgrind-out-file="$WORK/cg-server-$variant.out" \
-          "$BIN/keygate" serve >>"$WORK/keygate-cg.log" 2>&1 &
+        # (start_keygate's extra arguments come before the binary: env runs valgrind.)
+        start_keygate cg "$PG_BASE/$DB" valgrind --tool=callgrind \
+          --callgrind-out-file="$WORK/cg-server-$variant.out"
+        server_port=$MAIN_cg
         ;;
       noop)
+        server_port=$(free_port)
         valgrind --tool=callgrind --callgrind-out-file="$WORK/cg-server-$variant.out" \
           "$BIN/noop-authz" --listen "127.0.0.1:$server_port" >>"$WORK/noop-cg.log" 2>&1 &
+        PIDS+=("$!")
         ;;
     esac
-    PIDS+=("$!")
     "$BENCH" wait-serving --addr "127.0.0.1:$server_port" >/dev/null
     listen=$(free_port); admin=$(free_port); config=$WORK/envoy-to-cg-$variant.yaml
     render_envoy "$variant" "$listen" "$admin" "$server_port" "$up" >"$config"

@@ -608,11 +608,7 @@ async fn serve_metrics(
             }
         }),
     );
-    // Nagle off, as on the gRPC listeners: a scrape's reply is headers then body.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |socket| {
-        let _ = socket.set_nodelay(true);
-    });
-    axum::serve(listener, app)
+    axum::serve(http_no_delay(listener), app)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -621,9 +617,19 @@ async fn serve_metrics(
 /// Accepted connections with Nagle's algorithm off. tonic ignores its own `tcp_nodelay` for a
 /// listener it did not bind, and with Nagle on, a reply written while an earlier one is still
 /// unacknowledged waits for the peer's delayed ACK: 40 ms on Linux, seen as a 40 ms mode in the
-/// revocation benchmark's replica under load (bench/).
-fn no_delay(listener: TcpListener) -> TcpIncoming {
+/// revocation benchmark's replica under load (bench/). Public so the benchmarks' baseline
+/// servers (src/bin/) accept connections the same way.
+pub fn no_delay(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// The same for an axum (HTTP/1.1) listener: a reply there is headers, then body.
+pub fn http_no_delay(
+    listener: TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
+    axum::serve::ListenerExt::tap_io(listener, |socket| {
+        let _ = socket.set_nodelay(true);
+    })
 }
 
 pub async fn shutdown_signal() {

@@ -59,8 +59,5 @@ async fn main() -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     eprintln!("demo-upstream listening on {}", listener.local_addr()?);
     // Nagle off, as on keygate's listeners: Envoy keeps connections open and waits for replies.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |socket| {
-        let _ = socket.set_nodelay(true);
-    });
-    axum::serve(listener, app).await
+    axum::serve(keygate::startup::http_no_delay(listener), app).await
 }

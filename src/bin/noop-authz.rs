@@ -19,10 +19,7 @@ use keygate::grpc::proto::{
     AuthorizeRequest, AuthorizeResponse,
     authorizer_server::{Authorizer, AuthorizerServer},
 };
-use tonic::{
-    Request, Response, Status,
-    transport::{Server, server::TcpIncoming},
-};
+use tonic::{Request, Response, Status, transport::Server};
 
 #[derive(Parser)]
 #[command(about = "No-op ext_authz server (allows everything): the benchmarks' baseline")]
@@ -94,12 +91,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             answer: args.answer,
         }))
         .add_service(health_service)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
-        )
+        .serve_with_incoming_shutdown(keygate::startup::no_delay(listener), async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
         .await?;
     Ok(())
 }
