@@ -254,6 +254,12 @@ struct AlternateArgs {
     /// Requests per endpoint.
     #[arg(long, default_value_t = 20_000)]
     requests: usize,
+    /// Consecutive requests to one endpoint before moving on to the next. 1 interleaves request
+    /// by request, so every request finds its chain's caches cooled by the other chains; a
+    /// block of tens keeps a chain warm as a lone wrk connection does, while switching every
+    /// few tens of milliseconds still spreads the machine's drift over all endpoints alike.
+    #[arg(long, default_value_t = 1)]
+    block: usize,
     #[arg(long, default_value_t = 60.0)]
     duration_secs: f64,
 }
@@ -1049,25 +1055,29 @@ fn alternate(args: AlternateArgs) -> BenchResult {
             connection.get()?;
         }
     }
-    let mut latencies: Vec<Vec<u64>> = vec![Vec::with_capacity(args.requests); n];
+    let requests = args.requests.min(1_000_000);
+    let block = args.block.clamp(1, requests.max(1));
+    let mut latencies: Vec<Vec<u64>> = vec![Vec::with_capacity(requests); n];
     let deadline = Instant::now() + bounded(args.duration_secs);
     let mut round = 0;
-    while round < args.requests.min(1_000_000) && Instant::now() < deadline {
+    while round * block < requests && Instant::now() < deadline {
         // The first endpoint of each round rotates, so none is always the one that follows a
         // particular other.
         for offset in 0..n {
             let target = (round + offset) % n;
-            let started = Instant::now();
-            let status = connections[target].get()?;
-            let elapsed = started.elapsed();
-            if status != 200 {
-                return Err(format!("{} answered {status}", args.targets[target].0));
+            for _ in 0..block {
+                let started = Instant::now();
+                let status = connections[target].get()?;
+                let elapsed = started.elapsed();
+                if status != 200 {
+                    return Err(format!("{} answered {status}", args.targets[target].0));
+                }
+                latencies[target].push(elapsed.as_nanos() as u64);
             }
-            latencies[target].push(elapsed.as_nanos() as u64);
         }
         round += 1;
     }
-    let mut line = format!("alternate rounds={round}");
+    let mut line = format!("alternate rounds={round} block={block}");
     for ((name, _), samples) in args.targets.iter().zip(&mut latencies) {
         samples.sort_unstable();
         line.push_str(&format!(
