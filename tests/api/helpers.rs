@@ -459,9 +459,30 @@ pub fn keygate_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_keygate"))
 }
 
-/// A free TCP port on 127.0.0.1 for a child process (Envoy, Prometheus) that cannot report the
-/// port it bound. The listener is dropped before returning, so a race is possible but rare.
+/// A free TCP port on 127.0.0.1 for a child process that cannot report the port it bound
+/// (Envoy, Prometheus) or that is restarted on the same address.
+///
+/// Drawn at random from below the kernel's ephemeral range, the range `bind(0)` and outgoing
+/// connections take ports from: a port given up for a restart is then not handed to another
+/// test's connection in the meantime (CI once saw a restarted replica find its port taken that
+/// way). The check listener is dropped before returning, so two callers could still draw the
+/// same port, at odds of one in thousands.
 pub fn free_port() -> u16 {
+    use rand::Rng as _;
+    const LOWEST: u16 = 10_000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_start > LOWEST + 1_000 {
+        let mut rng = rand::rng();
+        for _ in 0..1_000 {
+            let port = rng.random_range(LOWEST..ephemeral_start);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())

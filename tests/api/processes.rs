@@ -241,7 +241,7 @@ pub fn keygate_command(working_dir: &Path) -> Command {
     command
 }
 
-/// A loopback address on a free port (see `helpers::free_port` for the race).
+/// A loopback address on a free port, outside the ephemeral range (see `helpers::free_port`).
 pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
