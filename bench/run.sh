@@ -161,6 +161,11 @@ start_keygate() {
 }
 wait_serving() { "$BENCH" wait-serving --addr "127.0.0.1:$1" "${@:2}"; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+# "sum count" of keygate's decision-duration histogram (its metrics listener on port $1).
+decision_totals() {
+  curl -s "http://127.0.0.1:$1/metrics" |
+    awk '/^keygate_decision_duration_seconds_sum / {s = $2} /^keygate_decision_duration_seconds_count / {c = $2} END {print s + 0, c + 0}'
+}
 # CPU time (ns) the process PID has run so far, all its threads (a thread that exits meanwhile
 # drops out, hence `|| true`).
 cpu_ns() { awk '{ t += $1 } END { printf "%d", t }' "/proc/$1"/task/*/schedstat 2>/dev/null || true; }
@@ -259,7 +264,7 @@ scenario_envoy() {
   declare -A rps32 this_rep p50_1
   # Per repetition, keygate paired with the no-op under the same conditions: the medians of these
   # pairs are what the targets judge (each variant's own median is shown beside them).
-  local paired_ratio32="" sequential_ratio32="" paired_p50_diff="" paired_p50_mimic="" paired_p50_cold="" paired_cpu_ratio=""
+  local paired_ratio32="" sequential_ratio32="" paired_p50_diff="" paired_p50_mimic="" paired_p50_cold="" paired_cpu_ratio="" decision_means=""
   targets() { for variant in "${variants[@]}"; do echo "--target $variant=127.0.0.1:${ENVOY_PORT[$variant]}"; done; }
   local rep r j line variant variants=(keygate noop mimic none)
   # Throughput: short wrk runs, many of them, the variants' order rotating every repetition:
@@ -287,13 +292,20 @@ scenario_envoy() {
     sequential_ratio32+=" $(calc "${this_rep[keygate]% *} / ${this_rep[noop]% *}" 4)"
     # Unloaded latency, in blocks of ALT_BLOCK requests per Envoy (each chain warm, as under a
     # lone wrk connection; switching every few tens of milliseconds): the verdict's pairs.
-    local kg_cpu noop_cpu
+    local kg_cpu noop_cpu decided_before decided_after decision_us
     kg_cpu=$(cpu_ns "$PID_kg"); noop_cpu=$(cpu_ns "$PID_noop")
+    decided_before=$(decision_totals "$METRICS_kg")
     line=$("$BENCH" alternate --key "$KEY" --requests "$ALT_REQUESTS" --block "$ALT_BLOCK" \
       --duration-secs 60 $(targets))
     kg_cpu=$(( $(cpu_ns "$PID_kg") - kg_cpu )); noop_cpu=$(( $(cpu_ns "$PID_noop") - noop_cpu ))
-    raw "envoy rep=$rep connections=1 $line keygate_cpu_ns=$kg_cpu noop_cpu_ns=$noop_cpu"
+    # keygate's own account of its decisions in that run (cached ones: the key is warm).
+    decided_after=$(decision_totals "$METRICS_kg")
+    decision_us=$(awk -v b="$decided_before" -v a="$decided_after" 'BEGIN {
+      split(b, x, " "); split(a, y, " "); n = y[2] - x[2]
+      printf "%.2f", (n > 0 ? (y[1] - x[1]) / n * 1e6 : 0) }')
+    raw "envoy rep=$rep connections=1 $line keygate_cpu_ns=$kg_cpu noop_cpu_ns=$noop_cpu keygate_decision_mean_us=$decision_us"
     paired_cpu_ratio+=" $(calc "$kg_cpu / $noop_cpu" 4)"
+    decision_means+=" $decision_us"
     for variant in "${variants[@]}"; do
       this_rep[$variant]=$(field "${variant}_p50_us" "$line")
       p50_1[$variant]+=" ${this_rep[$variant]}"
@@ -323,6 +335,7 @@ scenario_envoy() {
   result "1. Envoy, 1 connection" "p50 keygate − noop, switching Envoy at every request (cold caches)" "$(median <<<"$paired_p50_cold") µs" "(context)" "-"
   result "1. Envoy, 1 connection" "p50 with no ext_authz" "$z µs" "(context)" "-"
   result "1. Envoy, 1 connection" "server CPU time per request in those runs, keygate / noop" "$(calc "$(median <<<"$paired_cpu_ratio")" 3)×" "(context)" "-"
+  result "1. Envoy, 1 connection" "keygate's mean decision time in those runs (its own histogram)" "$(median <<<"$decision_means") µs" "(context)" "-"
 
   instructions_per_request "$up"
 }
