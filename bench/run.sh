@@ -267,6 +267,7 @@ scenario_envoy() {
   local paired_ratio32="" sequential_ratio32="" paired_p50_diff="" paired_p50_mimic="" paired_p50_cold="" paired_cpu_ratio="" decision_means=""
   targets() { for variant in "${variants[@]}"; do echo "--target $variant=127.0.0.1:${ENVOY_PORT[$variant]}"; done; }
   local rep r j line variant variants=(keygate noop mimic none)
+  local kg_cpu noop_cpu decided_before decided_after decision_us
   # Throughput: short wrk runs, many of them, the variants' order rotating every repetition:
   # this VM's speed drifts by tens of percent over seconds. Unloaded latency: one connection
   # per Envoy, one request at a time, alternating between the four (wrk's per-run p50 moves by
@@ -292,7 +293,6 @@ scenario_envoy() {
     sequential_ratio32+=" $(calc "${this_rep[keygate]% *} / ${this_rep[noop]% *}" 4)"
     # Unloaded latency, in blocks of ALT_BLOCK requests per Envoy (each chain warm, as under a
     # lone wrk connection; switching every few tens of milliseconds): the verdict's pairs.
-    local kg_cpu noop_cpu decided_before decided_after decision_us
     kg_cpu=$(cpu_ns "$PID_kg"); noop_cpu=$(cpu_ns "$PID_noop")
     decided_before=$(decision_totals "$METRICS_kg")
     line=$("$BENCH" alternate --key "$KEY" --requests "$ALT_REQUESTS" --block "$ALT_BLOCK" \
@@ -313,7 +313,8 @@ scenario_envoy() {
     paired_p50_diff+=" $(calc "${this_rep[keygate]} - ${this_rep[noop]}" 1)"
     paired_p50_mimic+=" $(calc "${this_rep[keygate]} - ${this_rep[mimic]}" 1)"
     # The same, switching Envoy at every request: each request then finds its chain's caches
-    # cooled by the other chains' requests (context: it measures code footprint as much as work).
+    # cooled by the other chains' requests (context: it weighs how much memory a request touches
+    # as much as the work it does).
     line=$("$BENCH" alternate --key "$KEY" --requests "$ALT_COLD_REQUESTS" --block 1 \
       --duration-secs 60 $(targets))
     raw "envoy rep=$rep connections=1 $line"
