@@ -85,8 +85,10 @@ impl HashedSecret {
 // Always held in an `Arc`, allocated once per entry: the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 pub enum CachedKey {
-    /// The store has no such key.
-    Unknown,
+    /// The store had no such key at `checked_at`; believed for `UNKNOWN_KEY_TTL`.
+    Unknown {
+        checked_at: Instant,
+    },
     Known(KnownKey),
 }
 
@@ -113,7 +115,9 @@ impl KnownKey {
 impl From<Option<KeyRecord>> for CachedKey {
     fn from(record: Option<KeyRecord>) -> Self {
         match record {
-            None => Self::Unknown,
+            None => Self::Unknown {
+                checked_at: Instant::now(),
+            },
             Some(record) => Self::Known(KnownKey {
                 secret: HashedSecret::new(record.secret_hash.clone()),
                 record,
@@ -127,20 +131,6 @@ impl From<Option<KeyRecord>> for CachedKey {
 pub struct CachedUser {
     pub record: Option<UserRecord>,
     pub secret: HashedSecret,
-}
-
-struct KeyExpiry;
-
-impl Expiry<i64, Arc<CachedKey>> for KeyExpiry {
-    fn expire_after_create(&self, _: &i64, value: &Arc<CachedKey>, _: Instant) -> Option<Duration> {
-        match **value {
-            CachedKey::Unknown => Some(UNKNOWN_KEY_TTL),
-            // Known keys stay until evicted by size, invalidated by a change, or replaced by
-            // re-validation: never by time, so an outage of the store does not take good keys
-            // with it.
-            CachedKey::Known(_) => None,
-        }
-    }
 }
 
 struct VerdictExpiry;
@@ -161,7 +151,14 @@ impl Expiry<Fingerprint, bool> for VerdictExpiry {
 }
 
 pub struct CredentialCache {
-    keys: moka::sync::Cache<i64, Arc<CachedKey>>,
+    /// Key metadata by id: read on every request. quick_cache rather than moka here: a hit is
+    /// a shard read lock, one probe and a reference bit (S3-FIFO keeps it scan resistant),
+    /// while moka's also records the read for its admission sketch and access order, memory
+    /// that other traffic has evicted from the CPU caches by the next request. No TTL: known
+    /// keys stay until evicted by size, invalidated by a change or replaced by re-validation,
+    /// never by time, so an outage of the store does not take good keys with it; unknown ids
+    /// carry their own deadline (`key`).
+    keys: quick_cache::sync::Cache<i64, Arc<CachedKey>>,
     users: moka::sync::Cache<String, Arc<CachedUser>>,
     /// argon2 verdicts by fingerprint: rejected secrets are remembered briefly, and concurrent
     /// verifications of the same pair share one argon2 run (moka coalesces `try_get_with`).
@@ -184,10 +181,9 @@ impl CredentialCache {
         let keyed_mac =
             <Hmac<Sha256> as Mac>::new_from_slice(&mac_key).expect("HMAC accepts any key length");
         Self {
-            keys: moka::sync::Cache::builder()
-                .max_capacity(capacity)
-                .expire_after(KeyExpiry)
-                .build(),
+            keys: quick_cache::sync::Cache::new(
+                usize::try_from(capacity).expect("the cache capacity fits in memory"),
+            ),
             users: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(USER_TTL)
@@ -309,7 +305,16 @@ impl CredentialCache {
     }
 
     pub fn key(&self, id: i64) -> Option<Arc<CachedKey>> {
-        self.keys.get(&id)
+        let entry = self.keys.get(&id)?;
+        if let CachedKey::Unknown { checked_at } = *entry
+            && checked_at.elapsed() >= UNKNOWN_KEY_TTL
+        {
+            // Stale: ask the store again. (Only this entry: a fresher one may have replaced it.)
+            self.keys
+                .remove_if(&id, |current| Arc::ptr_eq(current, &entry));
+            return None;
+        }
+        Some(entry)
     }
 
     pub fn generation(&self) -> u64 {
@@ -323,13 +328,13 @@ impl CredentialCache {
     pub fn insert_key(&self, id: i64, entry: Arc<CachedKey>, read_at: u64) {
         self.keys.insert(id, entry);
         if self.generation() != read_at {
-            self.keys.invalidate(&id);
+            self.keys.remove(&id);
         }
     }
 
     pub fn invalidate_key(&self, id: i64) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.keys.invalidate(&id);
+        self.keys.remove(&id);
     }
 
     /// Ids of every cached known key, for re-validation.
@@ -337,7 +342,7 @@ impl CredentialCache {
         self.keys
             .iter()
             .filter(|(_, entry)| matches!(**entry, CachedKey::Known(_)))
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect()
     }
 
@@ -405,5 +410,69 @@ mod tests {
             self::cache().fingerprint(&HashedSecret::new(phc), "presented"),
             first
         );
+    }
+
+    fn known(id: i64) -> Arc<CachedKey> {
+        Arc::new(CachedKey::from(Some(KeyRecord {
+            id,
+            name: format!("key {id}"),
+            created_at: chrono::Utc::now(),
+            expires_at: None,
+            enabled: true,
+            last_used_at: None,
+            created_by: "test".to_owned(),
+            secret_hash: "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2g".to_owned(),
+        })))
+    }
+
+    #[test]
+    fn unknown_ids_are_believed_for_their_ttl_only() {
+        let cache = cache();
+        cache.insert_key(5, Arc::new(CachedKey::from(None)), cache.generation());
+        assert!(matches!(
+            cache.key(5).as_deref(),
+            Some(CachedKey::Unknown { .. })
+        ));
+        let Some(long_ago) = Instant::now().checked_sub(UNKNOWN_KEY_TTL) else {
+            return; // the clock started less than a TTL ago: nothing to test
+        };
+        let stale = Arc::new(CachedKey::Unknown {
+            checked_at: long_ago,
+        });
+        cache.insert_key(5, stale, cache.generation());
+        assert!(cache.key(5).is_none(), "a stale unknown id is asked again");
+        assert!(cache.key(5).is_none(), "and is gone from the cache");
+        // Known keys have no deadline.
+        cache.insert_key(6, known(6), cache.generation());
+        assert!(matches!(cache.key(6).as_deref(), Some(CachedKey::Known(_))));
+    }
+
+    #[test]
+    fn an_invalidation_during_a_read_drops_what_the_read_saw() {
+        let cache = cache();
+        let read_at = cache.generation();
+        cache.invalidate_key(7);
+        cache.insert_key(7, known(7), read_at);
+        assert!(cache.key(7).is_none());
+        cache.insert_key(7, known(7), cache.generation());
+        assert!(cache.key(7).is_some());
+        cache.invalidate_key(7);
+        assert!(cache.key(7).is_none());
+    }
+
+    #[test]
+    fn the_key_cache_stays_within_its_capacity() {
+        let cache = cache(); // capacity 10
+        for id in 1..=1000 {
+            cache.insert_key(id, known(id), cache.generation());
+        }
+        let held = cache.cached_key_ids().len();
+        assert!(held <= 10, "{held} keys held with a capacity of 10");
+        // A key used again and again survives a scan of one-off ids.
+        cache.insert_key(5000, known(5000), cache.generation());
+        for id in 1..=1000 {
+            assert!(cache.key(5000).is_some(), "the hot key was evicted by id {id}");
+            cache.insert_key(id, Arc::new(CachedKey::from(None)), cache.generation());
+        }
     }
 }

@@ -564,7 +564,7 @@ async fn revalidate(services: &Services) -> Result<(), StoreError> {
                         && cached.record.name == fresh.name
                         && cached.record.secret_hash == fresh.secret_hash
                 }
-                (CachedKey::Unknown, None) => true,
+                (CachedKey::Unknown { .. }, None) => true,
                 _ => false,
             };
             if !unchanged {
