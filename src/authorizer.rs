@@ -10,15 +10,15 @@ use std::{
     time::Instant,
 };
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use crate::{
     argon_pool::Overloaded,
-    cache::{CachedKey, CredentialCache, Unverified},
+    cache::{CachedKey, CredentialCache, KnownKey, Unverified},
     domain::{
         credentials::{CredentialsError, parse_authorization},
         decision::{Decision, DenyReason, Principal, check_key_state},
-        key::{KeyPrefix, parse_key},
+        key::{KeyPrefix, parse_key_shape},
     },
     metrics::{Metrics, Transport},
     rate_limit::FailureLimiter,
@@ -143,13 +143,30 @@ impl Authorizer {
         presented: &str,
         client: Option<IpAddr>,
     ) -> Result<Decision, DecideError> {
-        // Wrong shape or checksum: no store lookup, no argon2.
-        let Ok(parsed) = parse_key(&self.prefix, presented) else {
+        let Ok(key_text) = parse_key_shape(&self.prefix, presented) else {
             return Ok(Decision::deny(DenyReason::InvalidCredentials));
         };
+        // The hot path: a cached key, usable now, presented with the exact 40 characters that
+        // were verified for it before. Those passed the checksum before they were verified
+        // (below), and the checksum covers only the prefix, the id and those characters, so
+        // recomputing it could not change the outcome.
+        if let Some(entry) = self.cache.key(key_text.id)
+            && let CachedKey::Known(key) = &*entry
+        {
+            let now = Utc::now();
+            if check_key_state(key.record.expires_at, key.record.enabled, now).is_ok()
+                && self.cache.recognises(&key.secret, key_text.secret)
+            {
+                return Ok(self.allow(key, now));
+            }
+        }
+        // Everything else, in SPEC order. Wrong checksum: no store lookup, no argon2.
+        if !key_text.checksum_matches() {
+            return Ok(Decision::deny(DenyReason::InvalidCredentials));
+        }
         loop {
             let generation = self.cache.generation();
-            let entry = self.key_entry(parsed.id).await?;
+            let entry = self.key_entry(key_text.id).await?;
             let CachedKey::Known(key) = &*entry else {
                 return Ok(Decision::deny(DenyReason::InvalidCredentials));
             };
@@ -158,14 +175,16 @@ impl Authorizer {
             if let Err(reason) = check_key_state(key.record.expires_at, key.record.enabled, now) {
                 return Ok(Decision::deny(reason));
             }
-            let fingerprint = self.cache.fingerprint(&key.secret, parsed.random);
+            // The fingerprint covers the checksum too, so that the hot path above recognises
+            // only text that passed it; argon2 covers the random part (SPEC section 2).
+            let fingerprint = self.cache.fingerprint(&key.secret, key_text.secret);
             if !self.cache.is_verified(&key.secret, &fingerprint) {
                 // Step 5: only uncached verification work is rate limited (inside `verify`).
                 // Boxed: the verification's future (moka's coalescing, the argon2 pool) is
                 // kilobytes, and inline it would make every request's future that big.
                 let verified = Box::pin(self.cache.verify(
                     &key.secret,
-                    parsed.random,
+                    key_text.random(),
                     fingerprint,
                     Some((&self.limiter, client)),
                 ))
@@ -184,14 +203,19 @@ impl Authorizer {
                     continue;
                 }
             }
-            if key.should_record_use(now.timestamp(), crate::usage::RECORD_INTERVAL_SECS) {
-                self.usage.record(key.record.id, now);
-            }
-            return Ok(Decision::Allow(Principal::Key {
-                id: key.record.id,
-                name: key.record.name.clone(),
-            }));
+            return Ok(self.allow(key, now));
         }
+    }
+
+    /// Lets a verified key in, queueing its use for `last_used_at`.
+    fn allow(&self, key: &KnownKey, now: DateTime<Utc>) -> Decision {
+        if key.should_record_use(now.timestamp(), crate::usage::RECORD_INTERVAL_SECS) {
+            self.usage.record(key.record.id, now);
+        }
+        Decision::Allow(Principal::Key {
+            id: key.record.id,
+            name: key.record.name.clone(),
+        })
     }
 
     async fn decide_user(

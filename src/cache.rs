@@ -218,6 +218,16 @@ impl CredentialCache {
         mac.finalize().into_bytes().into()
     }
 
+    /// True when `presented` was verified against this hash before, counted as a cache hit. A
+    /// false answer is not counted: the caller goes on to the full check, which counts it.
+    pub fn recognises(&self, secret: &HashedSecret, presented: &str) -> bool {
+        let hit = secret.is_verified(&self.fingerprint(secret, presented));
+        if hit {
+            self.metrics.cache_hits.inc();
+        }
+        hit
+    }
+
     /// True when `fingerprint` was verified against this hash before: no argon2 needed.
     pub fn is_verified(&self, secret: &HashedSecret, fingerprint: &Fingerprint) -> bool {
         let hit = secret.is_verified(fingerprint);

@@ -89,20 +89,33 @@ impl fmt::Debug for KeyMaterial {
     }
 }
 
-/// A presented key whose shape and checksum are valid. Borrowed from the request: parsing
-/// allocates nothing, because it runs on every request.
+/// A presented string with the shape of a key: `<prefix><id>_<40 characters>`. Borrowed from
+/// the request: parsing allocates nothing, because it runs on every request.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct ParsedKey<'a> {
+pub struct PresentedKey<'a> {
     pub id: i64,
-    /// The 34 random characters, to be verified against the stored hash.
-    pub random: &'a str,
+    /// The 40 characters after `_`: the random part, then the checksum.
+    pub secret: &'a str,
+    /// Everything before the checksum: the text the checksum covers.
+    signed: &'a str,
 }
 
-impl fmt::Debug for ParsedKey<'_> {
+impl<'a> PresentedKey<'a> {
+    /// The 34 random characters, to be verified against the stored hash.
+    pub fn random(&self) -> &'a str {
+        &self.secret[..RANDOM_LEN]
+    }
+
+    pub fn checksum_matches(&self) -> bool {
+        checksum_digits(self.signed).as_slice() == &self.secret.as_bytes()[RANDOM_LEN..]
+    }
+}
+
+impl fmt::Debug for PresentedKey<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ParsedKey")
+        f.debug_struct("PresentedKey")
             .field("id", &self.id)
-            .field("random", &"[REDACTED]")
+            .field("secret", &"[REDACTED]")
             .finish()
     }
 }
@@ -125,7 +138,20 @@ pub enum KeyFormatError {
 pub fn parse_key<'a>(
     prefix: &KeyPrefix,
     presented: &'a str,
-) -> Result<ParsedKey<'a>, KeyFormatError> {
+) -> Result<PresentedKey<'a>, KeyFormatError> {
+    let key = parse_key_shape(prefix, presented)?;
+    if !key.checksum_matches() {
+        return Err(KeyFormatError::Checksum);
+    }
+    Ok(key)
+}
+
+/// Parses `<prefix><id>_<secret>` without verifying the checksum, for callers that can tell
+/// otherwise that it holds (see `PresentedKey::checksum_matches`).
+pub fn parse_key_shape<'a>(
+    prefix: &KeyPrefix,
+    presented: &'a str,
+) -> Result<PresentedKey<'a>, KeyFormatError> {
     let rest = presented
         .strip_prefix(prefix.as_str())
         .ok_or(KeyFormatError::Prefix)?;
@@ -134,13 +160,11 @@ pub fn parse_key<'a>(
     if secret.len() != SECRET_LEN || !secret.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(KeyFormatError::Secret);
     }
-    let (random, presented_checksum) = secret.split_at(RANDOM_LEN);
-    // The checksummed text is everything before the checksum itself.
-    let signed = &presented[..presented.len() - CHECKSUM_LEN];
-    if checksum(signed) != presented_checksum {
-        return Err(KeyFormatError::Checksum);
-    }
-    Ok(ParsedKey { id, random })
+    Ok(PresentedKey {
+        id,
+        secret,
+        signed: &presented[..presented.len() - CHECKSUM_LEN],
+    })
 }
 
 /// A canonical decimal id: digits only, no sign, no leading zero, fits in `i64`, positive.
@@ -157,10 +181,14 @@ fn parse_id(text: &str) -> Option<i64> {
 /// CRC-32 (IEEE, as in zlib) of `text`, in base62 (`0-9A-Za-z`), most significant digit first,
 /// left-padded with `0` to six characters.
 pub fn checksum(text: &str) -> String {
+    String::from_utf8(checksum_digits(text).to_vec()).expect("base62 digits are ASCII")
+}
+
+fn checksum_digits(text: &str) -> [u8; CHECKSUM_LEN] {
     base62_u32(crc32fast::hash(text.as_bytes()))
 }
 
-fn base62_u32(mut value: u32) -> String {
+fn base62_u32(mut value: u32) -> [u8; CHECKSUM_LEN] {
     let mut digits = [b'0'; CHECKSUM_LEN];
     for slot in digits.iter_mut().rev() {
         *slot = BASE62[(value % 62) as usize];
@@ -168,7 +196,7 @@ fn base62_u32(mut value: u32) -> String {
     }
     // 62^6 > u32::MAX, so six digits always suffice.
     debug_assert_eq!(value, 0);
-    String::from_utf8(digits.to_vec()).expect("base62 digits are ASCII")
+    digits
 }
 
 #[cfg(test)]
@@ -189,10 +217,10 @@ mod tests {
 
     #[test]
     fn base62_matches_reference_values() {
-        assert_eq!(base62_u32(0), "000000");
-        assert_eq!(base62_u32(61), "00000z");
-        assert_eq!(base62_u32(62), "000010");
-        assert_eq!(base62_u32(u32::MAX), "4gfFC3");
+        assert_eq!(&base62_u32(0), b"000000");
+        assert_eq!(&base62_u32(61), b"00000z");
+        assert_eq!(&base62_u32(62), b"000010");
+        assert_eq!(&base62_u32(u32::MAX), b"4gfFC3");
     }
 
     #[test]
@@ -213,7 +241,8 @@ mod tests {
         assert!(secret.bytes().all(|b| b.is_ascii_alphanumeric()));
         let parsed = parse_key(&prefix(), &key).expect("a fresh key parses");
         assert_eq!(parsed.id, 42);
-        assert_eq!(parsed.random, &secret[..RANDOM_LEN]);
+        assert_eq!(parsed.secret, secret);
+        assert_eq!(parsed.random(), &secret[..RANDOM_LEN]);
     }
 
     #[test]
@@ -246,6 +275,19 @@ mod tests {
     }
 
     #[test]
+    fn shape_parsing_leaves_the_checksum_to_the_caller() {
+        let key = new_key(9);
+        let mut wrong = key.clone();
+        let last = if key.ends_with('a') { "b" } else { "a" };
+        wrong.replace_range(key.len() - 1.., last);
+        let shaped = parse_key_shape(&prefix(), &wrong).expect("the shape is right");
+        assert_eq!(shaped.id, 9);
+        assert!(!shaped.checksum_matches());
+        assert_eq!(parse_key(&prefix(), &wrong), Err(KeyFormatError::Checksum));
+        assert!(parse_key_shape(&prefix(), &key).unwrap().checksum_matches());
+    }
+
+    #[test]
     fn prefix_validation() {
         assert!(KeyPrefix::parse("uk").is_ok());
         assert!(KeyPrefix::parse("kg_live-").is_ok());
@@ -260,7 +302,7 @@ mod tests {
         assert!(!format!("{material:?}").contains(material.expose()));
         let key = new_key(3);
         let parsed = parse_key(&prefix(), &key).unwrap();
-        assert!(!format!("{parsed:?}").contains(parsed.random));
+        assert!(!format!("{parsed:?}").contains(parsed.random()));
     }
 
     proptest! {

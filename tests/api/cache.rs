@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keygate::{
-    domain::key::{RANDOM_LEN, checksum},
+    domain::key::{CHECKSUM_LEN, RANDOM_LEN, checksum},
     grpc::proto::{
         AuthorizeRequest, AuthorizeResponse, DeleteKeyRequest, DenyReason,
         authorizer_client::AuthorizerClient,
@@ -454,6 +454,56 @@ async fn a_wrong_secret_is_never_allowed_from_the_cache(backend: TestBackend) {
     );
 }
 
+/// The hot path skips the checksum for the exact text it verified before; everything else must
+/// still meet it, before the store and argon2, and before the key's state.
+async fn a_broken_checksum_is_refused_even_for_a_cached_key(backend: TestBackend) {
+    let app = spawn_app_with(&backend, |settings| settings.rate_limit_per_minute = 0).await;
+    let (key, secret) = app.create_key("cached").await;
+    warm(&app, &bearer(&secret)).await;
+    let (signed, sum) = secret.split_at(secret.len() - CHECKSUM_LEN);
+    let flip = |c: char| if c == 'Q' { 'R' } else { 'Q' };
+    let mut broken: Vec<String> = (0..CHECKSUM_LEN)
+        .map(|i| {
+            let mut chars: Vec<char> = sum.chars().collect();
+            chars[i] = flip(chars[i]);
+            format!("{signed}{}", chars.into_iter().collect::<String>())
+        })
+        .collect();
+    // A typo in the random part, the checksum left as it was.
+    let last = signed.chars().last().expect("a key is not empty");
+    broken.push(format!("{}{}{sum}", &signed[..signed.len() - 1], flip(last)));
+    let argon2_runs = |text: &str| {
+        metric(text, ARGON2_MISMATCHES)
+            + metric(text, r#"keygate_argon2_verifications_total{result="match"}"#)
+    };
+    let runs_before = argon2_runs(&app.metrics().await);
+
+    for text in &broken {
+        let answer = app.authorize(&bearer(text)).await;
+        assert!(!answer.allowed, "{answer:?}");
+        assert_eq!(answer.reason(), DenyReason::InvalidCredentials);
+        assert!(app.authorize(&bearer(&secret)).await.allowed);
+    }
+    // Disabled: the checksum is checked first, so a broken one is still invalid, not disabled.
+    app.set_enabled(key.id, false).await;
+    for text in &broken {
+        let answer = app.authorize(&bearer(text)).await;
+        assert_eq!(answer.reason(), DenyReason::InvalidCredentials, "{answer:?}");
+    }
+    assert_eq!(
+        app.authorize(&bearer(&secret)).await.reason(),
+        DenyReason::KeyDisabled
+    );
+    app.set_enabled(key.id, true).await;
+    assert!(app.authorize(&bearer(&secret)).await.allowed);
+
+    assert_eq!(
+        argon2_runs(&app.metrics().await),
+        runs_before,
+        "a broken checksum must cost no argon2 run"
+    );
+}
+
 async fn rate_limiting_never_blocks_a_cached_good_key(backend: TestBackend) {
     const BURST: u32 = 3;
     const CLIENT: &str = "192.0.2.7";
@@ -524,6 +574,7 @@ async fn rate_limiting_never_blocks_a_cached_good_key(backend: TestBackend) {
 }
 
 both_backends!(
+    a_broken_checksum_is_refused_even_for_a_cached_key,
     a_cached_key_still_expires_on_time,
     a_wrong_secret_is_never_allowed_from_the_cache,
     rate_limiting_never_blocks_a_cached_good_key,
