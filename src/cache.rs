@@ -481,7 +481,10 @@ mod tests {
         // A key used again and again survives a scan of one-off ids.
         cache.insert_key(5000, known(5000), cache.generation());
         for id in 1..=1000 {
-            assert!(cache.key(5000).is_some(), "the hot key was evicted by id {id}");
+            assert!(
+                cache.key(5000).is_some(),
+                "the hot key was evicted by id {id}"
+            );
             cache.insert_key(id, Arc::new(CachedKey::from(None)), cache.generation());
         }
     }

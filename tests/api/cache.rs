@@ -471,10 +471,17 @@ async fn a_broken_checksum_is_refused_even_for_a_cached_key(backend: TestBackend
         .collect();
     // A typo in the random part, the checksum left as it was.
     let last = signed.chars().last().expect("a key is not empty");
-    broken.push(format!("{}{}{sum}", &signed[..signed.len() - 1], flip(last)));
+    broken.push(format!(
+        "{}{}{sum}",
+        &signed[..signed.len() - 1],
+        flip(last)
+    ));
     let argon2_runs = |text: &str| {
         metric(text, ARGON2_MISMATCHES)
-            + metric(text, r#"keygate_argon2_verifications_total{result="match"}"#)
+            + metric(
+                text,
+                r#"keygate_argon2_verifications_total{result="match"}"#,
+            )
     };
     let runs_before = argon2_runs(&app.metrics().await);
 
@@ -488,7 +495,11 @@ async fn a_broken_checksum_is_refused_even_for_a_cached_key(backend: TestBackend
     app.set_enabled(key.id, false).await;
     for text in &broken {
         let answer = app.authorize(&bearer(text)).await;
-        assert_eq!(answer.reason(), DenyReason::InvalidCredentials, "{answer:?}");
+        assert_eq!(
+            answer.reason(),
+            DenyReason::InvalidCredentials,
+            "{answer:?}"
+        );
     }
     assert_eq!(
         app.authorize(&bearer(&secret)).await.reason(),
