@@ -7,21 +7,30 @@ use std::time::{Duration, Instant};
 
 use keygate::domain::{
     credentials::{MAX_HEADER_LEN, parse_authorization},
-    key::{KeyPrefix, checksum, parse_key},
+    key::{KeyPrefix, checksum, parse_key, parse_key_shape},
 };
 use libfuzzer_sys::fuzz_target;
 
 fn check_key(prefix: &KeyPrefix, presented: &str) {
+    // The shape alone (the hot path's first step) agrees with the full parse on everything
+    // but the checksum.
+    let shaped = parse_key_shape(prefix, presented);
+    match (&shaped, parse_key(prefix, presented)) {
+        (Ok(shaped), Ok(parsed)) => assert!(shaped.checksum_matches() && *shaped == parsed),
+        (Ok(shaped), Err(_)) => assert!(!shaped.checksum_matches()),
+        (Err(_), parsed) => assert!(parsed.is_err()),
+    }
     if let Ok(parsed) = parse_key(prefix, presented) {
         // Only a string of the exact shape, whose checksum matches, is a key.
         let (signed, sum) = presented.split_at(presented.len() - 6);
         assert_eq!(checksum(signed), sum);
         assert_eq!(
             signed,
-            format!("{}{}_{}", prefix.as_str(), parsed.id, parsed.random)
+            format!("{}{}_{}", prefix.as_str(), parsed.id, parsed.random())
         );
         assert!(parsed.id > 0);
-        assert_eq!(parsed.random.len(), 34);
+        assert_eq!(parsed.random().len(), 34);
+        assert_eq!(parsed.secret.len(), 40);
     }
 }
 

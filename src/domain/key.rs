@@ -315,6 +315,11 @@ mod tests {
             let mut changed = key.clone();
             changed.replace_range(pos..pos + 1, &replacement);
             prop_assert!(parse_key(&prefix(), &changed).is_err(), "{changed} parsed");
+            // What still has a key's shape fails on its checksum alone (the hot path's shortcut
+            // relies on the shape check and the checksum being the whole of parse_key).
+            if let Ok(shaped) = parse_key_shape(&prefix(), &changed) {
+                prop_assert!(!shaped.checksum_matches(), "{changed} passed the checksum");
+            }
         }
 
         #[test]
