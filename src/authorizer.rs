@@ -16,7 +16,7 @@ use crate::{
     argon_pool::Overloaded,
     cache::{CachedKey, CredentialCache, KnownKey, Unverified},
     domain::{
-        credentials::{CredentialsError, parse_authorization},
+        credentials::{ClientAddress, CredentialsError, parse_authorization},
         decision::{Decision, DenyReason, Principal, check_key_state},
         key::{KeyPrefix, parse_key_shape},
     },
@@ -85,10 +85,10 @@ impl Authorizer {
         &self,
         transport: Transport,
         header: Option<&[u8]>,
-        client: Option<IpAddr>,
+        client: ClientAddress<'_>,
     ) -> Result<Decision, DecideError> {
         let started = Instant::now();
-        let result = self.decide(header, client).await;
+        let result = self.decide(header, &client).await;
         let elapsed = started.elapsed().as_secs_f64();
         match &result {
             Ok(decision) => {
@@ -113,7 +113,7 @@ impl Authorizer {
     async fn decide(
         &self,
         header: Option<&[u8]>,
-        client: Option<IpAddr>,
+        client: &ClientAddress<'_>,
     ) -> Result<Decision, DecideError> {
         // Steps 1 and 2: the header itself.
         let credentials = match parse_authorization(header) {
@@ -127,21 +127,21 @@ impl Authorizer {
         };
         // Step 3: before the lockout, operators' username/password pairs.
         if !self.api_keys_enabled().await? {
-            let Some(username) = credentials.username.as_deref() else {
+            let Some(username) = credentials.username() else {
                 // A bearer token carries no username/password pair.
                 return Ok(Decision::deny(DenyReason::InvalidCredentials));
             };
             // Boxed for the same reason as the key verification: a rare path, a big future.
-            return Box::pin(self.decide_user(username, &credentials.secret, client)).await;
+            return Box::pin(self.decide_user(username, credentials.secret(), client.ip())).await;
         }
         // Step 4: API keys only.
-        self.decide_key(&credentials.secret, client).await
+        self.decide_key(credentials.secret(), client).await
     }
 
     async fn decide_key(
         &self,
         presented: &str,
-        client: Option<IpAddr>,
+        client: &ClientAddress<'_>,
     ) -> Result<Decision, DecideError> {
         let Ok(key_text) = parse_key_shape(&self.prefix, presented) else {
             return Ok(Decision::deny(DenyReason::InvalidCredentials));
@@ -186,7 +186,7 @@ impl Authorizer {
                     &key.secret,
                     key_text.random(),
                     fingerprint,
-                    Some((&self.limiter, client)),
+                    Some((&self.limiter, client.ip())),
                 ))
                 .await;
                 match verified {
@@ -351,7 +351,9 @@ mod tests {
     async fn the_hot_path_future_stays_small() {
         let store = Arc::new(SqliteStore::connect("sqlite::memory:").await.unwrap());
         let services = Services::build(&ServeArgs::from_env(), store).unwrap();
-        let future = services.authorizer.authorize(Transport::Envoy, None, None);
+        let future = services
+            .authorizer
+            .authorize(Transport::Envoy, None, Default::default());
         let size = std::mem::size_of_val(&future);
         assert!(
             size <= 512,

@@ -62,7 +62,7 @@ impl Operators {
                 "KeyAdmin requires `authorization: Basic base64(user:password)` metadata of an active user",
             )
         })?;
-        let Some(username) = credentials.username.as_deref() else {
+        let Some(username) = credentials.username() else {
             return Err(OperatorAuthError::Unauthenticated(
                 "KeyAdmin accepts only Basic username/password credentials, not bearer tokens",
             ));
@@ -71,7 +71,7 @@ impl Operators {
             &self.store,
             &self.cache,
             username,
-            &credentials.secret,
+            credentials.secret(),
             None,
         )
         .await

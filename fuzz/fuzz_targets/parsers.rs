@@ -40,8 +40,8 @@ fuzz_target!(|data: &[u8]| {
     match parse_authorization(Some(data)) {
         Ok(credentials) => {
             assert!(data.len() <= MAX_HEADER_LEN);
-            assert!(!credentials.secret.is_empty() || credentials.username.is_some());
-            check_key(&prefix, &credentials.secret);
+            assert!(!credentials.secret().is_empty() || credentials.username().is_some());
+            check_key(&prefix, credentials.secret());
         }
         Err(_) => {}
     }

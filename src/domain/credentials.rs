@@ -1,7 +1,7 @@
 //! Parsing the HTTP `Authorization` header (SPEC section 3, steps 1 and 2). Every input is either
 //! credentials or a deny reason: no panic, no internal error, bounded work.
 
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
 use base64::{
     Engine as _, alphabet,
@@ -19,16 +19,35 @@ const BASE64: GeneralPurpose = GeneralPurpose::new(
 
 /// What a request presented. The secret is the Basic password or the Bearer token; for API keys
 /// the Basic username is ignored, so `curl -u ":<key>"` works.
-pub struct Credentials {
-    /// `None` for Bearer, which carries no username.
-    pub username: Option<String>,
-    pub secret: String,
+///
+/// A Bearer token is borrowed from the header; a Basic pair is decoded once and both halves
+/// are read from that one buffer. Parsing a credential makes at most one copy of the secret on
+/// the heap (none for a Bearer token), and does no allocation on the hot path's common case.
+pub struct Credentials<'a> {
+    /// The Bearer token, or the decoded Basic `username:password` pair.
+    text: Cow<'a, str>,
+    /// For Basic, where the `:` is in `text`; `None` for Bearer, which carries no username.
+    colon: Option<usize>,
 }
 
-impl fmt::Debug for Credentials {
+impl Credentials<'_> {
+    /// `None` for Bearer, which carries no username.
+    pub fn username(&self) -> Option<&str> {
+        self.colon.map(|colon| &self.text[..colon])
+    }
+
+    pub fn secret(&self) -> &str {
+        match self.colon {
+            Some(colon) => &self.text[colon + 1..],
+            None => &self.text,
+        }
+    }
+}
+
+impl fmt::Debug for Credentials<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
-            .field("username", &self.username)
+            .field("username", &self.username())
             .field("secret", &"[REDACTED]")
             .finish()
     }
@@ -44,7 +63,7 @@ pub enum CredentialsError {
 
 /// Parses a raw header value. An absent header and one that is empty or only whitespace are
 /// both "missing": proxies differ in which of the two they forward.
-pub fn parse_authorization(header: Option<&[u8]>) -> Result<Credentials, CredentialsError> {
+pub fn parse_authorization(header: Option<&[u8]>) -> Result<Credentials<'_>, CredentialsError> {
     let raw = header.ok_or(CredentialsError::Missing)?;
     if raw.len() > MAX_HEADER_LEN {
         return Err(CredentialsError::Malformed("header is longer than 4 KiB"));
@@ -75,28 +94,57 @@ pub fn parse_authorization(header: Option<&[u8]>) -> Result<Credentials, Credent
             ));
         }
         Ok(Credentials {
-            username: None,
-            secret: rest.to_owned(),
+            text: Cow::Borrowed(rest),
+            colon: None,
         })
     } else {
         Err(CredentialsError::Malformed("unknown scheme"))
     }
 }
 
-fn parse_basic(encoded: &str) -> Result<Credentials, CredentialsError> {
+fn parse_basic(encoded: &str) -> Result<Credentials<'static>, CredentialsError> {
     let decoded = BASE64
         .decode(encoded)
         .map_err(|_| CredentialsError::Malformed("Basic credentials are not valid base64"))?;
     let pair = String::from_utf8(decoded)
         .map_err(|_| CredentialsError::Malformed("Basic credentials are not UTF-8"))?;
     // The password may itself contain ':'; only the first one separates.
-    let (username, password) = pair
-        .split_once(':')
+    let colon = pair
+        .find(':')
         .ok_or(CredentialsError::Malformed("Basic credentials have no ':'"))?;
     Ok(Credentials {
-        username: Some(username.to_owned()),
-        secret: password.to_owned(),
+        text: Cow::Owned(pair),
+        colon: Some(colon),
     })
+}
+
+/// The client address a request came with, parsed only when something reads it: the failure
+/// limiter before argon2 work, or a deny's log line. A cached key's allow never does, so the
+/// hot path does not pay for parsing text it will not use.
+#[derive(Clone, Copy, Default)]
+pub struct ClientAddress<'a> {
+    /// As the gateway reported it.
+    reported: Option<&'a str>,
+    /// Used when the report is absent or unreadable (e.g. the caller's own address).
+    fallback: Option<std::net::IpAddr>,
+}
+
+impl<'a> ClientAddress<'a> {
+    pub fn new(reported: Option<&'a str>, fallback: Option<std::net::IpAddr>) -> Self {
+        Self { reported, fallback }
+    }
+
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        self.reported
+            .and_then(parse_client_address)
+            .or(self.fallback)
+    }
+}
+
+impl fmt::Debug for ClientAddress<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.ip(), f)
+    }
 }
 
 /// The client address a gateway reports (`10.0.0.1`, `10.0.0.1:4242`, `[::1]:4242`, `::1`), or
@@ -121,7 +169,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn parse(header: &str) -> Result<Credentials, CredentialsError> {
+    fn parse(header: &str) -> Result<Credentials<'_>, CredentialsError> {
         parse_authorization(Some(header.as_bytes()))
     }
 
@@ -144,35 +192,37 @@ mod tests {
 
     #[test]
     fn basic_with_empty_username_carries_the_key_as_password() {
-        let creds = parse(&basic(":uk1_secret")).unwrap();
-        assert_eq!(creds.username.as_deref(), Some(""));
-        assert_eq!(creds.secret, "uk1_secret");
+        let header = basic(":uk1_secret");
+        let creds = parse(&header).unwrap();
+        assert_eq!(creds.username(), Some(""));
+        assert_eq!(creds.secret(), "uk1_secret");
     }
 
     #[test]
     fn password_may_contain_colons() {
-        let creds = parse(&basic("admin:pa:ss:")).unwrap();
-        assert_eq!(creds.username.as_deref(), Some("admin"));
-        assert_eq!(creds.secret, "pa:ss:");
+        let header = basic("admin:pa:ss:");
+        let creds = parse(&header).unwrap();
+        assert_eq!(creds.username(), Some("admin"));
+        assert_eq!(creds.secret(), "pa:ss:");
     }
 
     #[test]
     fn scheme_is_case_insensitive_and_spaces_are_tolerated() {
         for scheme in ["basic", "BASIC", "bAsIc"] {
             let header = basic("a:b").replacen("Basic", scheme, 1);
-            assert_eq!(parse(&header).unwrap().secret, "b");
+            assert_eq!(parse(&header).unwrap().secret(), "b");
         }
         let spaced = basic("a:b").replacen(' ', "   ", 1);
-        assert_eq!(parse(&format!("  {spaced}\t")).unwrap().secret, "b");
-        assert_eq!(parse("bearer   tok").unwrap().secret, "tok");
-        assert_eq!(parse("BEARER tok").unwrap().username, None);
+        assert_eq!(parse(&format!("  {spaced}\t")).unwrap().secret(), "b");
+        assert_eq!(parse("bearer   tok").unwrap().secret(), "tok");
+        assert_eq!(parse("BEARER tok").unwrap().username(), None);
     }
 
     #[test]
     fn unpadded_base64_is_accepted() {
         let padded = basic("a:bc");
         assert!(padded.ends_with('='));
-        assert_eq!(parse(padded.trim_end_matches('=')).unwrap().secret, "bc");
+        assert_eq!(parse(padded.trim_end_matches('=')).unwrap().secret(), "bc");
     }
 
     #[test]
@@ -218,7 +268,8 @@ mod tests {
 
     #[test]
     fn debug_redacts_the_secret() {
-        let creds = parse(&basic("admin:hunter2")).unwrap();
+        let header = basic("admin:hunter2");
+        let creds = parse(&header).unwrap();
         assert!(!format!("{creds:?}").contains("hunter2"));
     }
 
@@ -235,6 +286,24 @@ mod tests {
         assert_eq!(parse_client_address("example.com"), None);
     }
 
+    #[test]
+    fn a_client_address_falls_back_when_the_report_is_absent_or_unreadable() {
+        let fallback = Some("10.0.0.9".parse().unwrap());
+        let reported = |text| ClientAddress::new(text, fallback).ip();
+        assert_eq!(reported(Some("[::1]:4242")), Some("::1".parse().unwrap()));
+        assert_eq!(
+            reported(Some("10.0.0.1:80")),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(reported(Some("not an address")), fallback);
+        assert_eq!(reported(None), fallback);
+        assert_eq!(ClientAddress::default().ip(), None);
+        assert_eq!(
+            format!("{:?}", ClientAddress::new(Some("10.0.0.1"), None)),
+            "Some(10.0.0.1)"
+        );
+    }
+
     proptest! {
         #[test]
         fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..5000)) {
@@ -243,9 +312,10 @@ mod tests {
 
         #[test]
         fn any_basic_pair_round_trips(user in "[^:]{0,40}", password in ".{0,80}") {
-            let creds = parse(&basic(&format!("{user}:{password}"))).unwrap();
-            prop_assert_eq!(creds.username.as_deref(), Some(user.as_str()));
-            prop_assert_eq!(creds.secret, password);
+            let header = basic(&format!("{user}:{password}"));
+            let creds = parse(&header).unwrap();
+            prop_assert_eq!(creds.username(), Some(user.as_str()));
+            prop_assert_eq!(creds.secret(), password);
         }
     }
 }

@@ -9,9 +9,7 @@ use super::{
     convert::authorize_response,
     proto::{AuthorizeRequest, AuthorizeResponse, authorizer_server},
 };
-use crate::{
-    authorizer::Authorizer, domain::credentials::parse_client_address, metrics::Transport,
-};
+use crate::{authorizer::Authorizer, domain::credentials::ClientAddress, metrics::Transport};
 
 pub struct AuthorizerService {
     authorizer: Arc<Authorizer>,
@@ -32,7 +30,7 @@ impl authorizer_server::Authorizer for AuthorizerService {
         // Without a client address, the caller's own address keys the rate limiter.
         let peer = request.remote_addr().map(|addr| addr.ip());
         let request = request.into_inner();
-        let client = parse_client_address(&request.client_address).or(peer);
+        let client = ClientAddress::new(Some(&request.client_address), peer);
         let header =
             (!request.authorization.is_empty()).then_some(request.authorization.as_bytes());
         let decision = self
