@@ -185,6 +185,12 @@ MIMIC_PORT=$(free_port)
 "$BIN/noop-authz" --listen "127.0.0.1:$MIMIC_PORT" --answer keygate >>"$WORK/noop.log" 2>&1 &
 PIDS+=("$!")
 wait_serving "$MIMIC_PORT" >/dev/null
+# A second, identical no-op: scenario 1's latency probe measures it beside the first, and their
+# difference is the probe's own noise floor (an A/A pair).
+TWIN_PORT=$(free_port)
+"$BIN/noop-authz" --listen "127.0.0.1:$TWIN_PORT" >>"$WORK/noop.log" 2>&1 &
+PIDS+=("$!")
+wait_serving "$TWIN_PORT" >/dev/null
 KEY=$("$BENCH" create-key --admin-addr "127.0.0.1:$ADMIN_kg" --name bench)
 log "keygate (pid $PID_kg) on :$MAIN_kg, noop-authz on :$NOOP_PORT; bench key created"
 
@@ -222,8 +228,11 @@ scenario_envoy() {
   PIDS+=("$!")
   declare -gA ENVOY_PORT
   local variant authz listen admin config
-  for variant in keygate noop mimic none; do
-    case $variant in keygate) authz=$MAIN_kg ;; mimic) authz=$MIMIC_PORT ;; *) authz=$NOOP_PORT ;; esac
+  for variant in keygate noop mimic none twin; do
+    case $variant in
+      keygate) authz=$MAIN_kg ;; mimic) authz=$MIMIC_PORT ;; twin) authz=$TWIN_PORT ;;
+      *) authz=$NOOP_PORT ;;
+    esac
     listen=$(free_port); admin=$(free_port)
     config=$WORK/envoy-$variant.yaml
     render_envoy "$variant" "$listen" "$admin" "$authz" "$up" >"$config"
@@ -238,7 +247,7 @@ scenario_envoy() {
   local code
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${ENVOY_PORT[keygate]}/metrics")
   [ "$code" = 401 ] || { log "Envoy→keygate without a key answered $code, not 401"; exit 1; }
-  for variant in keygate noop mimic none; do
+  for variant in keygate noop mimic none twin; do
     code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" \
       "http://127.0.0.1:${ENVOY_PORT[$variant]}/metrics")
     [ "$code" = 200 ] || { log "Envoy ($variant) with the key answered $code, not 200"; exit 1; }
@@ -260,17 +269,19 @@ scenario_envoy() {
     echo "$rps $p50"
   }
   log "1. Envoy: warm-up"
-  for variant in keygate noop mimic none; do run_wrk "$variant" 8 1 >/dev/null; done
+  for variant in keygate noop mimic none twin; do run_wrk "$variant" 8 1 >/dev/null; done
   declare -A rps32 this_rep p50_1
   # Per repetition, keygate paired with the no-op under the same conditions: the medians of these
   # pairs are what the targets judge (each variant's own median is shown beside them).
-  local paired_ratio32="" sequential_ratio32="" paired_p50_diff="" paired_p50_mimic="" paired_p50_cold="" paired_cpu_ratio="" decision_means=""
-  targets() { for variant in "${variants[@]}"; do echo "--target $variant=127.0.0.1:${ENVOY_PORT[$variant]}"; done; }
+  local paired_ratio32="" sequential_ratio32="" paired_p50_diff="" paired_p50_mimic="" paired_p50_twin="" paired_p50_cold="" paired_cpu_ratio="" decision_means=""
+  # The latency probe alternates between all five chains (the twin only serves as its A/A
+  # pair; the throughput runs leave it out).
+  targets() { for variant in "${variants[@]}" twin; do echo "--target $variant=127.0.0.1:${ENVOY_PORT[$variant]}"; done; }
   local rep r j line variant variants=(keygate noop mimic none)
   local kg_cpu noop_cpu decided_before decided_after decision_us
   # Throughput: short wrk runs, many of them, the variants' order rotating every repetition:
   # this VM's speed drifts by tens of percent over seconds. Unloaded latency: one connection
-  # per Envoy, one request at a time, alternating between the four (wrk's per-run p50 moves by
+  # per Envoy, one request at a time, alternating between the chains (wrk's per-run p50 moves by
   # ±100 µs from run to run here, with where the scheduler puts the chain's processes;
   # alternating requests share those conditions).
   for rep in $(seq "$ENVOY_REPS"); do
@@ -312,6 +323,7 @@ scenario_envoy() {
     done
     paired_p50_diff+=" $(calc "${this_rep[keygate]} - ${this_rep[noop]}" 1)"
     paired_p50_mimic+=" $(calc "${this_rep[keygate]} - ${this_rep[mimic]}" 1)"
+    paired_p50_twin+=" $(calc "$(field twin_p50_us "$line") - ${this_rep[noop]}" 1)"
     # The same, switching Envoy at every request: each request then finds its chain's caches
     # cooled by the other chains' requests (context: it weighs how much memory a request touches
     # as much as the work it does).
@@ -333,6 +345,7 @@ scenario_envoy() {
   diff=$(median <<<"$paired_p50_diff")
   result "1. Envoy, 1 connection" "p50 keygate − noop, median of $ENVOY_REPS runs alternating every $ALT_BLOCK requests (medians $k − $n µs)" "$diff µs" "≤ 10 µs" "$(verdict "$diff <= 10")"
   result "1. Envoy, 1 connection" "p50 keygate − no-op giving keygate's answer" "$(median <<<"$paired_p50_mimic") µs" "(context)" "-"
+  result "1. Envoy, 1 connection" "p50 no-op's twin − no-op (identical chains: the probe's noise; per run $(tr ' ' '\n' <<<"$paired_p50_twin" | grep -v '^$' | sort -g | paste -sd' '))" "$(median <<<"$paired_p50_twin") µs" "(context)" "-"
   result "1. Envoy, 1 connection" "p50 keygate − noop, switching Envoy at every request (cold caches)" "$(median <<<"$paired_p50_cold") µs" "(context)" "-"
   result "1. Envoy, 1 connection" "p50 with no ext_authz" "$z µs" "(context)" "-"
   result "1. Envoy, 1 connection" "server CPU time per request in those runs, keygate / noop" "$(calc "$(median <<<"$paired_cpu_ratio")" 3)×" "(context)" "-"
@@ -419,8 +432,33 @@ instructions_per_request() {
     stop_pid "$envoy_pid"
     raw "instructions variant=$variant envoy_per_request=${envoy_ir[$variant]} server_per_request=${server_ir[$variant]} of_which_hmac=${server_hmac[$variant]}"
   done
+  # What each part of keygate's allow (SPEC section 3: identity headers set, `authorization`
+  # and the other identity header removed) costs Envoy: Envoy under callgrind behind the no-op
+  # sending that part only. The server's work is not counted here, only Envoy's.
+  local answer noop_pid
+  declare -A answer_ir
+  for answer in identity-headers removals keygate; do
+    server_port=$(free_port)
+    "$BIN/noop-authz" --listen "127.0.0.1:$server_port" --answer "$answer" >>"$WORK/noop.log" 2>&1 &
+    noop_pid=$!
+    PIDS+=("$noop_pid")
+    "$BENCH" wait-serving --addr "127.0.0.1:$server_port" >/dev/null
+    listen=$(free_port); admin=$(free_port); config=$WORK/envoy-cg-answer-$answer.yaml
+    render_envoy "$answer" "$listen" "$admin" "$server_port" "$up" >"$config"
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/cg-envoy-answer-$answer.out" \
+      "$ENVOY" -c "$config" --concurrency 1 --use-dynamic-base-id --log-level warn \
+      >>"$WORK/envoy-cg-answer-$answer.log" 2>&1 &
+    PIDS+=("$!")
+    wait_envoy "$admin" "$WORK/envoy-cg-answer-$answer.log"
+    counted=$(count_ir "envoy-answer-$answer" "$listen")
+    answer_ir[$answer]=${counted% *}
+    stop_pid "$noop_pid"
+    raw "instructions envoy_behind_noop answer=$answer envoy_per_request=${answer_ir[$answer]}"
+  done
+
   local ek=${envoy_ir[keygate]} en=${envoy_ir[noop]} sk=${server_ir[keygate]} sn=${server_ir[noop]}
   result "1. Envoy, instructions (callgrind)" "Envoy per request, keygate / noop ($ek / $en)" "$(calc "$ek / $en" 3)×" "(context)" "-"
+  result "1. Envoy, instructions (callgrind)" "Envoy per request for keygate's answer: + identity headers / + removals / + both (no-op sending it)" "+$((answer_ir[identity-headers] - en)) / +$((answer_ir[removals] - en)) / +$((answer_ir[keygate] - en))" "(context)" "-"
   result "1. Envoy, instructions (callgrind)" "server per request, keygate / noop ($sk / $sn)" "$(calc "$sk / $sn" 3)×" "(context)" "-"
   local sk_native=$((sk - server_hmac[keygate]))
   result "1. Envoy, instructions (callgrind)" "server, keygate without its HMAC (software SHA-256 here) / noop ($sk_native / $sn)" "$(calc "$sk_native / $sn" 3)×" "(context)" "-"

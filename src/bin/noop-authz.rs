@@ -6,7 +6,9 @@
 //!
 //! With `--answer keygate` it allows with the same response keygate gives a key by default
 //! (identity headers, removed headers), built the same way, so Envoy does the same work for
-//! both and only the decision itself differs.
+//! both and only the decision itself differs. `--answer identity-headers` and
+//! `--answer removals` send one part of that answer each, so the benchmark can say what each
+//! part costs Envoy.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -35,6 +37,10 @@ struct Args {
 enum Answer {
     Plain,
     Keygate,
+    /// Only keygate's two identity headers.
+    IdentityHeaders,
+    /// Only keygate's two header removals.
+    Removals,
 }
 
 struct AllowAll {
@@ -46,12 +52,14 @@ impl Authorization for AllowAll {
     async fn check(&self, _: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let mut response = CheckResponse::with_status(Status::ok(""));
         let mut http = OkHttpResponseBuilder::new();
-        if self.answer == Answer::Keygate {
-            // As src/grpc/envoy.rs answers an allowed key (id 1, named "bench") by default.
-            let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+        // As src/grpc/envoy.rs answers an allowed key (id 1, named "bench") by default.
+        let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+        if matches!(self.answer, Answer::Keygate | Answer::IdentityHeaders) {
             http.add_header("x-keygate-key-id", 1.to_string(), overwrite, false)
-                .add_header("x-keygate-key-name", "bench".to_owned(), overwrite, true)
-                .remove_header("x-keygate-user")
+                .add_header("x-keygate-key-name", "bench".to_owned(), overwrite, true);
+        }
+        if matches!(self.answer, Answer::Keygate | Answer::Removals) {
+            http.remove_header("x-keygate-user")
                 .remove_header("authorization");
         }
         response.set_http_response(http);
