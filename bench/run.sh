@@ -118,7 +118,10 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR]=$1} END {print v[i
 calc() { awk "BEGIN { printf \"%.${2:-2}f\", $1 }"; }
 verdict() { if awk "BEGIN { exit !($1) }"; then echo PASS; else echo FAIL; fi; }
 
+# What is measured, read before anything runs (and before --save rewrites bench/RESULTS.md).
+CODE="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- . ':!bench/RESULTS.md' 2>/dev/null || echo ' (with local changes)')"
 log "machine: $(uname -srm), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+log "code: $CODE"
 log "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
 if awk "BEGIN { exit !($(cut -d' ' -f1 /proc/loadavg) > 0.5) }"; then
   log "NOTE: the machine is not idle; ratios are interleaved but absolute figures will be noisy"
@@ -650,7 +653,7 @@ if [ "$SAVE" = 1 ]; then
     echo
     echo "- date: $(date -u '+%F %T') UTC"
     echo "- machine: $(uname -srm), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM"
-    echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
+    echo "- commit: $CODE"
     echo "- command: \`bash bench/run.sh $ARGS\`"
     echo "- load average before / after: $(grep -m1 'load before' "$RUN_LOG" | sed 's/.*run: //') / $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
