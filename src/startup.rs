@@ -18,6 +18,7 @@ use crate::{
     domain::hashing::{InvalidHashParams, SecretHasher},
     grpc::{
         authorizer::AuthorizerService,
+        check_server::AuthorizationServer,
         envoy::{CheckOptions, EnvoyAuthorizationService},
         key_admin::KeyAdminService,
         proto::{authorizer_server::AuthorizerServer, key_admin_server::KeyAdminServer},
@@ -268,16 +269,16 @@ impl Application {
         let main_routes = Routes::new(AuthorizerServer::new(AuthorizerService::new(
             services.authorizer.clone(),
         )))
-        .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
-            EnvoyAuthorizationService::new(
-                services.authorizer.clone(),
-                CheckOptions {
-                    realm: settings.realm.clone(),
-                    strip_authorization: settings.strip_authorization,
-                    allow_metadata: settings.envoy_allow_metadata,
-                },
-            ),
-        ))
+        .add_service(AuthorizationServer::new(EnvoyAuthorizationService::new(
+            services.authorizer.clone(),
+            CheckOptions {
+                realm: settings.realm.clone(),
+                strip_authorization: settings.strip_authorization,
+                allow_metadata: settings.envoy_allow_metadata,
+                answer_capacity: usize::try_from(settings.cache_capacity)
+                    .expect("the cache capacity fits in memory"),
+            },
+        )))
         .add_service(health_service.clone());
         let main_routes = add_reflection(
             main_routes,

@@ -1,12 +1,13 @@
 //! The benchmarks' baseline: an authorization server that allows everything without looking at
 //! the request. It serves the same two RPCs as keygate's main port
 //! (`envoy.service.auth.v3.Authorization/Check` and `keygate.v1.Authorizer/Authorize`) with the
-//! same stack (tokio's default multi-threaded runtime, tonic, the same HTTP/2 server settings),
-//! so the difference between the two is what keygate's decision costs.
+//! same stack (tokio's default multi-threaded runtime, tonic, the same HTTP/2 server settings,
+//! keygate's Check transport sending an answer encoded once), so the difference between the two
+//! is what keygate's decision costs.
 //!
 //! With `--answer keygate` it allows with the same response keygate gives a key by default
-//! (identity headers, removed headers), built the same way, so Envoy does the same work for
-//! both and only the decision itself differs. `--answer identity-headers` and
+//! (identity headers, removed headers), so Envoy does the same work for both and only the
+//! decision itself differs. `--answer identity-headers` and
 //! `--answer removals` send one part of that answer each, so the benchmark can say what each
 //! part costs Envoy.
 
@@ -15,12 +16,14 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Parser, ValueEnum};
 use envoy_types::ext_authz::v3::{
     CheckResponseExt, OkHttpResponseBuilder,
-    pb::{Authorization, AuthorizationServer, CheckRequest, CheckResponse, HeaderAppendAction},
+    pb::{CheckRequest, CheckResponse, HeaderAppendAction},
 };
+use keygate::grpc::check_server::{AuthorizationServer, CheckAnswer, CheckHandler};
 use keygate::grpc::proto::{
     AuthorizeRequest, AuthorizeResponse,
     authorizer_server::{Authorizer, AuthorizerServer},
 };
+use prost::{Message, bytes::Bytes};
 use tonic::{Request, Response, Status, transport::Server};
 
 #[derive(Parser)]
@@ -44,27 +47,39 @@ enum Answer {
 }
 
 struct AllowAll {
-    answer: Answer,
+    /// The Check answer, encoded once (as keygate keeps an allowed key's).
+    encoded: Bytes,
 }
 
-#[tonic::async_trait]
-impl Authorization for AllowAll {
-    async fn check(&self, _: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        let mut response = CheckResponse::with_status(Status::ok(""));
-        let mut http = OkHttpResponseBuilder::new();
-        // As src/grpc/envoy.rs answers an allowed key (id 1, named "bench") by default.
-        let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
-        if matches!(self.answer, Answer::Keygate | Answer::IdentityHeaders) {
-            http.add_header("x-keygate-key-id", 1.to_string(), overwrite, false)
-                .add_header("x-keygate-key-name", "bench".to_owned(), overwrite, true);
+impl AllowAll {
+    fn new(answer: Answer) -> Self {
+        Self {
+            encoded: Bytes::from(allow(answer).encode_to_vec()),
         }
-        if matches!(self.answer, Answer::Keygate | Answer::Removals) {
-            http.remove_header("x-keygate-user")
-                .remove_header("authorization");
-        }
-        response.set_http_response(http);
-        Ok(Response::new(response))
     }
+}
+
+impl CheckHandler for AllowAll {
+    async fn check(&self, _: Request<CheckRequest>) -> Result<Response<CheckAnswer>, Status> {
+        Ok(Response::new(CheckAnswer::Encoded(self.encoded.clone())))
+    }
+}
+
+fn allow(answer: Answer) -> CheckResponse {
+    let mut response = CheckResponse::with_status(Status::ok(""));
+    let mut http = OkHttpResponseBuilder::new();
+    // As src/grpc/envoy.rs answers an allowed key (id 1, named "bench") by default.
+    let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+    if matches!(answer, Answer::Keygate | Answer::IdentityHeaders) {
+        http.add_header("x-keygate-key-id", 1.to_string(), overwrite, false)
+            .add_header("x-keygate-key-name", "bench".to_owned(), overwrite, true);
+    }
+    if matches!(answer, Answer::Keygate | Answer::Removals) {
+        http.remove_header("x-keygate-user")
+            .remove_header("authorization");
+    }
+    response.set_http_response(http);
+    response
 }
 
 #[tonic::async_trait]
@@ -92,12 +107,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The same server settings as keygate's (src/startup.rs).
     Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(AuthorizationServer::new(AllowAll {
-            answer: args.answer,
-        }))
-        .add_service(AuthorizerServer::new(AllowAll {
-            answer: args.answer,
-        }))
+        .add_service(AuthorizationServer::new(AllowAll::new(args.answer)))
+        .add_service(AuthorizerServer::new(AllowAll::new(args.answer)))
         .add_service(health_service)
         .serve_with_incoming_shutdown(keygate::startup::no_delay(listener), async {
             let _ = tokio::signal::ctrl_c().await;

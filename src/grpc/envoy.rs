@@ -10,11 +10,14 @@ use std::{collections::HashMap, sync::Arc};
 use envoy_types::{
     ext_authz::v3::{
         CheckRequestExt, CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
-        pb::{Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode},
+        pb::{CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode},
     },
     pb::google::protobuf::{Struct, Value, value::Kind},
 };
+use prost::{Message, bytes::Bytes};
 use tonic::{Request, Response, Status};
+
+use super::check_server::{CheckAnswer, CheckHandler};
 
 use crate::{
     authorizer::Authorizer,
@@ -38,6 +41,17 @@ pub struct CheckOptions {
     pub strip_authorization: bool,
     /// Also describe allows in dynamic metadata (the identity is in the headers either way).
     pub allow_metadata: bool,
+    /// Keys whose encoded allow answer is kept (the key cache's capacity).
+    pub answer_capacity: usize,
+}
+
+/// A key's allow answer, encoded once. A key's id and name never change, and neither does the
+/// configuration the answer depends on, so every allow of a key sends the same bytes. The name
+/// is kept to be checked on every use: the SQLite store may give a deleted key's id to a new
+/// key.
+struct EncodedAllow {
+    name: String,
+    bytes: Bytes,
 }
 
 pub struct EnvoyAuthorizationService {
@@ -45,6 +59,8 @@ pub struct EnvoyAuthorizationService {
     challenge: String,
     strip_authorization: bool,
     allow_metadata: bool,
+    /// Bounded like the key cache; S3-FIFO keeps it from being flushed by one-off keys.
+    encoded_allows: quick_cache::sync::Cache<i64, Arc<EncodedAllow>>,
 }
 
 impl EnvoyAuthorizationService {
@@ -55,6 +71,41 @@ impl EnvoyAuthorizationService {
             challenge: format!("Basic realm=\"{realm}\""),
             strip_authorization: options.strip_authorization,
             allow_metadata: options.allow_metadata,
+            encoded_allows: quick_cache::sync::Cache::new(options.answer_capacity.max(1)),
+        }
+    }
+
+    /// The answer for a decision: an allowed key's from its encoding kept before (made now if
+    /// there is none), anything else built for this request.
+    fn answer(&self, decision: Decision) -> CheckAnswer {
+        match decision {
+            Decision::Allow(Principal::Key { id, name }) => {
+                if let Some(kept) = self.encoded_allows.get(&id)
+                    && kept.name == name
+                {
+                    return CheckAnswer::Encoded(kept.bytes.clone());
+                }
+                let bytes = Bytes::from(
+                    self.allowed(Principal::Key {
+                        id,
+                        name: name.clone(),
+                    })
+                    .encode_to_vec(),
+                );
+                self.encoded_allows.insert(
+                    id,
+                    Arc::new(EncodedAllow {
+                        name,
+                        bytes: bytes.clone(),
+                    }),
+                );
+                CheckAnswer::Encoded(bytes)
+            }
+            Decision::Allow(principal) => CheckAnswer::Message(Box::new(self.allowed(principal))),
+            Decision::Deny {
+                reason,
+                retry_after_secs,
+            } => CheckAnswer::Message(Box::new(self.denied(reason, retry_after_secs))),
         }
     }
 
@@ -118,12 +169,8 @@ impl EnvoyAuthorizationService {
     }
 }
 
-#[tonic::async_trait]
-impl Authorization for EnvoyAuthorizationService {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
+impl CheckHandler for EnvoyAuthorizationService {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckAnswer>, Status> {
         let request = request.into_inner();
         let client = ClientAddress::new(request.get_client_address().map(String::as_str), None);
         let header = authorization_header(&request);
@@ -131,13 +178,7 @@ impl Authorization for EnvoyAuthorizationService {
             .authorizer
             .authorize(Transport::Envoy, header, client)
             .await?;
-        Ok(Response::new(match decision {
-            Decision::Allow(principal) => self.allowed(principal),
-            Decision::Deny {
-                reason,
-                retry_after_secs,
-            } => self.denied(reason, retry_after_secs),
-        }))
+        Ok(Response::new(self.answer(decision)))
     }
 }
 
@@ -216,7 +257,79 @@ fn metadata(reason: Option<DenyReason>, principal: Option<&Principal>) -> Struct
 
 #[cfg(test)]
 mod tests {
-    use super::header_safe;
+    use super::*;
+    use crate::{config::ServeArgs, startup::Services, store::SqliteStore};
+
+    async fn service() -> EnvoyAuthorizationService {
+        let store = Arc::new(SqliteStore::connect("sqlite::memory:").await.unwrap());
+        let services = Services::build(&ServeArgs::from_env(), store).unwrap();
+        EnvoyAuthorizationService::new(
+            services.authorizer.clone(),
+            CheckOptions {
+                realm: "keygate".into(),
+                strip_authorization: true,
+                allow_metadata: false,
+                answer_capacity: 16,
+            },
+        )
+    }
+
+    fn allowed_bytes(service: &EnvoyAuthorizationService, id: i64, name: &str) -> Bytes {
+        let decision = Decision::Allow(Principal::Key {
+            id,
+            name: name.into(),
+        });
+        match service.answer(decision) {
+            CheckAnswer::Encoded(bytes) => bytes,
+            CheckAnswer::Message(_) => panic!("an allowed key's answer is sent encoded"),
+        }
+    }
+
+    fn key_name_header(bytes: Bytes) -> String {
+        let response = CheckResponse::decode(bytes).unwrap();
+        let Some(http_response) = response.http_response else {
+            panic!("no http_response")
+        };
+        let envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse::OkResponse(ok) =
+            http_response
+        else {
+            panic!("not an OK answer")
+        };
+        ok.headers
+            .into_iter()
+            .filter_map(|option| option.header)
+            .find(|header| header.key == KEY_NAME_HEADER)
+            .map(|header| header.value)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_allowed_key_is_answered_with_the_bytes_encoded_for_it() {
+        let service = service().await;
+        let first = allowed_bytes(&service, 7, "scraper");
+        let built = service.allowed(Principal::Key {
+            id: 7,
+            name: "scraper".into(),
+        });
+        assert_eq!(first, built.encode_to_vec(), "the same answer, encoded");
+        let again = allowed_bytes(&service, 7, "scraper");
+        assert_eq!(again.as_ptr(), first.as_ptr(), "encoded once, then reused");
+        // A new key given a deleted key's id (SQLite may reuse ids) gets its own name.
+        let reused_id = allowed_bytes(&service, 7, "backup job");
+        assert_eq!(key_name_header(reused_id), "backup job");
+        assert_eq!(key_name_header(first), "scraper");
+    }
+
+    #[tokio::test]
+    async fn denies_and_operators_are_answered_with_a_message() {
+        let service = service().await;
+        let denied = service.answer(Decision::deny(DenyReason::KeyDisabled));
+        assert!(matches!(denied, CheckAnswer::Message(_)));
+        let operator = service.answer(Decision::Allow(Principal::User {
+            username: "admin".into(),
+        }));
+        assert!(matches!(operator, CheckAnswer::Message(_)));
+    }
 
     #[test]
     fn header_values_are_visible_ascii() {

@@ -1,0 +1,135 @@
+//! The transport for `envoy.service.auth.v3.Authorization`: what envoy-types' generated
+//! `AuthorizationServer` does (route `/Check`, decode with prost, answer `UNIMPLEMENTED`
+//! elsewhere), with one difference: the answer may be bytes encoded earlier. An allowed key's
+//! answer never changes, so `EnvoyAuthorizationService` encodes it once per key and every
+//! later allow writes those bytes instead of building and encoding the same message again.
+//! (The benchmarks' no-op server answers through this too, so both pay the same transport.)
+
+use std::{convert::Infallible, future::Future, marker::PhantomData, pin::Pin, sync::Arc};
+
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
+use prost::{Message, bytes::BufMut};
+use tonic::{
+    Status,
+    codec::{Codec, EncodeBuf, Encoder},
+    codegen::{Body, Bytes, Context, Poll, Service, StdError, http},
+    server::{Grpc, NamedService, UnaryService},
+};
+
+/// What Check sends: a message, or a message encoded before (an allowed key's, see
+/// `EnvoyAuthorizationService::answer`). The message is boxed: an allow is the hot path, and
+/// its answer should not carry a 272-byte variant through every future it passes.
+pub enum CheckAnswer {
+    Message(Box<CheckResponse>),
+    Encoded(Bytes),
+}
+
+/// What answers Check.
+pub trait CheckHandler: Send + Sync + 'static {
+    fn check(
+        &self,
+        request: tonic::Request<CheckRequest>,
+    ) -> impl Future<Output = Result<tonic::Response<CheckAnswer>, Status>> + Send;
+}
+
+/// `envoy.service.auth.v3.Authorization` on a tonic router.
+pub struct AuthorizationServer<T> {
+    handler: Arc<T>,
+}
+
+impl<T> AuthorizationServer<T> {
+    pub fn new(handler: T) -> Self {
+        Self {
+            handler: Arc::new(handler),
+        }
+    }
+}
+
+impl<T> Clone for AuthorizationServer<T> {
+    fn clone(&self) -> Self {
+        Self {
+            handler: self.handler.clone(),
+        }
+    }
+}
+
+impl<T> NamedService for AuthorizationServer<T> {
+    const NAME: &'static str = "envoy.service.auth.v3.Authorization";
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
+
+impl<T, B> Service<http::Request<B>> for AuthorizationServer<T>
+where
+    T: CheckHandler,
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != "/envoy.service.auth.v3.Authorization/Check" {
+            return Box::pin(async {
+                Ok(Status::unimplemented("").into_http::<tonic::body::Body>())
+            });
+        }
+        let check = CheckMethod(self.handler.clone());
+        Box::pin(async move { Ok(Grpc::new(CheckCodec).unary(check, request).await) })
+    }
+}
+
+struct CheckMethod<T>(Arc<T>);
+
+impl<T: CheckHandler> UnaryService<CheckRequest> for CheckMethod<T> {
+    type Response = CheckAnswer;
+    type Future = BoxFuture<tonic::Response<CheckAnswer>, Status>;
+
+    fn call(&mut self, request: tonic::Request<CheckRequest>) -> Self::Future {
+        let handler = self.0.clone();
+        Box::pin(async move { handler.check(request).await })
+    }
+}
+
+/// prost for the request (tonic-prost's decoder, so a malformed request fails as it does for
+/// every other RPC); the answer as a message or as its stored bytes.
+struct CheckCodec;
+
+impl Codec for CheckCodec {
+    type Encode = CheckAnswer;
+    type Decode = CheckRequest;
+    type Encoder = CheckAnswerEncoder;
+    type Decoder = tonic_prost::ProstDecoder<CheckRequest>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        CheckAnswerEncoder(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+struct CheckAnswerEncoder(PhantomData<CheckAnswer>);
+
+impl Encoder for CheckAnswerEncoder {
+    type Item = CheckAnswer;
+    type Error = Status;
+
+    fn encode(&mut self, answer: CheckAnswer, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        match answer {
+            CheckAnswer::Message(response) => response
+                .encode(buf)
+                .map_err(|error| Status::internal(format!("encoding the answer: {error}"))),
+            CheckAnswer::Encoded(bytes) => {
+                buf.put_slice(&bytes);
+                Ok(())
+            }
+        }
+    }
+}
