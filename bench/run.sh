@@ -391,20 +391,26 @@ instructions_per_request() {
     kill "$pid"
     echo "$((total / IR_REQUESTS)) $(( ${hmac:-0} / IR_REQUESTS ))"
   }
+  # envoy_instructions NAME AUTHZ_PORT: Envoy under callgrind in front of the (native)
+  # authorization server on AUTHZ_PORT; sets ENVOY_IR to its instructions per request.
+  envoy_instructions() {
+    local name=$1 authz=$2 listen admin config counted
+    listen=$(free_port); admin=$(free_port); config=$WORK/envoy-cg-$name.yaml
+    render_envoy "$name" "$listen" "$admin" "$authz" "$up" >"$config"
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/cg-envoy-$name.out" \
+      "$ENVOY" -c "$config" --concurrency 1 --use-dynamic-base-id --log-level warn \
+      >>"$WORK/envoy-cg-$name.log" 2>&1 &
+    PIDS+=("$!")
+    wait_envoy "$admin" "$WORK/envoy-cg-$name.log"
+    counted=$(count_ir "envoy-$name" "$listen")
+    ENVOY_IR=${counted% *}
+  }
   declare -A envoy_ir server_ir server_hmac
   local variant authz listen admin config server_port counted
   for variant in keygate noop; do
-    # Envoy under callgrind, the authorization server native.
     case $variant in keygate) authz=$MAIN_kg ;; noop) authz=$NOOP_PORT ;; esac
-    listen=$(free_port); admin=$(free_port); config=$WORK/envoy-cg-$variant.yaml
-    render_envoy "$variant" "$listen" "$admin" "$authz" "$up" >"$config"
-    valgrind --tool=callgrind --callgrind-out-file="$WORK/cg-envoy-$variant.out" \
-      "$ENVOY" -c "$config" --concurrency 1 --use-dynamic-base-id --log-level warn \
-      >>"$WORK/envoy-cg-$variant.log" 2>&1 &
-    PIDS+=("$!")
-    wait_envoy "$admin" "$WORK/envoy-cg-$variant.log"
-    counted=$(count_ir "envoy-$variant" "$listen")
-    envoy_ir[$variant]=${counted% *}
+    envoy_instructions "$variant" "$authz"
+    envoy_ir[$variant]=$ENVOY_IR
 
     # The authorization server under callgrind (a second keygate on the same database), Envoy
     # native.
@@ -446,15 +452,8 @@ instructions_per_request() {
     noop_pid=$!
     PIDS+=("$noop_pid")
     "$BENCH" wait-serving --addr "127.0.0.1:$server_port" >/dev/null
-    listen=$(free_port); admin=$(free_port); config=$WORK/envoy-cg-answer-$answer.yaml
-    render_envoy "$answer" "$listen" "$admin" "$server_port" "$up" >"$config"
-    valgrind --tool=callgrind --callgrind-out-file="$WORK/cg-envoy-answer-$answer.out" \
-      "$ENVOY" -c "$config" --concurrency 1 --use-dynamic-base-id --log-level warn \
-      >>"$WORK/envoy-cg-answer-$answer.log" 2>&1 &
-    PIDS+=("$!")
-    wait_envoy "$admin" "$WORK/envoy-cg-answer-$answer.log"
-    counted=$(count_ir "envoy-answer-$answer" "$listen")
-    answer_ir[$answer]=${counted% *}
+    envoy_instructions "answer-$answer" "$server_port"
+    answer_ir[$answer]=$ENVOY_IR
     stop_pid "$noop_pid"
     raw "instructions envoy_behind_noop answer=$answer envoy_per_request=${answer_ir[$answer]}"
   done
