@@ -5,7 +5,7 @@
 //! later allow writes those bytes instead of building and encoding the same message again.
 //! (The benchmarks' no-op server answers through this too, so both pay the same transport.)
 
-use std::{convert::Infallible, future::Future, marker::PhantomData, pin::Pin, sync::Arc};
+use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc};
 
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
 use prost::{Message, bytes::BufMut};
@@ -107,7 +107,7 @@ impl Codec for CheckCodec {
     type Decoder = tonic_prost::ProstDecoder<CheckRequest>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        CheckAnswerEncoder(PhantomData)
+        CheckAnswerEncoder
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -115,7 +115,7 @@ impl Codec for CheckCodec {
     }
 }
 
-struct CheckAnswerEncoder(PhantomData<CheckAnswer>);
+struct CheckAnswerEncoder;
 
 impl Encoder for CheckAnswerEncoder {
     type Item = CheckAnswer;

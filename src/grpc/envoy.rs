@@ -46,9 +46,10 @@ pub struct CheckOptions {
 }
 
 /// A key's allow answer, encoded once. A key's id and name never change, and neither does the
-/// configuration the answer depends on, so every allow of a key sends the same bytes. The name
-/// is kept to be checked on every use: the SQLite store may give a deleted key's id to a new
-/// key.
+/// configuration the answer depends on, so every allow of a key sends the same bytes. Neither
+/// store hands out an id twice (BIGSERIAL, AUTOINCREMENT), but the name is kept and checked on
+/// every use anyway: the bytes name the key in a header, and a store restored from an older
+/// backup could give an id to a second key.
 struct EncodedAllow {
     name: String,
     bytes: Bytes,
@@ -314,7 +315,8 @@ mod tests {
         assert_eq!(first, built.encode_to_vec(), "the same answer, encoded");
         let again = allowed_bytes(&service, 7, "scraper");
         assert_eq!(again.as_ptr(), first.as_ptr(), "encoded once, then reused");
-        // A new key given a deleted key's id (SQLite may reuse ids) gets its own name.
+        // Should a second key ever get a kept key's id (a store restored from an older
+        // backup), it is answered with its own name.
         let reused_id = allowed_bytes(&service, 7, "backup job");
         assert_eq!(key_name_header(reused_id), "backup job");
         assert_eq!(key_name_header(first), "scraper");
