@@ -214,7 +214,7 @@ impl Authorizer {
         }
         Decision::Allow(Principal::Key {
             id: key.record.id,
-            name: key.record.name.clone(),
+            name: key.name.clone(),
         })
     }
 

@@ -94,6 +94,8 @@ pub enum CachedKey {
 
 pub struct KnownKey {
     pub record: KeyRecord,
+    /// `record.name`, shared with every allow that names the key.
+    pub name: Arc<str>,
     pub secret: HashedSecret,
     /// Unix seconds of the last use queued for `last_used_at`, to queue at most one a minute.
     last_use_queued: AtomicI64,
@@ -120,6 +122,7 @@ impl From<Option<KeyRecord>> for CachedKey {
             },
             Some(record) => Self::Known(KnownKey {
                 secret: HashedSecret::new(record.secret_hash.clone()),
+                name: Arc::from(record.name.as_str()),
                 record,
                 last_use_queued: AtomicI64::new(i64::MIN / 2),
             }),

@@ -2,6 +2,8 @@
 //! that strings the steps together, with the store, the cache and argon2, is
 //! `crate::authorizer::Authorizer::decide`.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 
 use super::model::KeyStatus;
@@ -40,10 +42,10 @@ impl DenyReason {
     }
 }
 
-/// Who was let in.
+/// Who was let in. A key's name is shared with the cache's copy, not copied per request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    Key { id: i64, name: String },
+    Key { id: i64, name: Arc<str> },
     User { username: String },
 }
 

@@ -58,7 +58,7 @@ pub fn authorize_response(decision: &Decision) -> proto::AuthorizeResponse {
         Decision::Allow(Principal::Key { id, name }) => proto::AuthorizeResponse {
             allowed: true,
             key_id: *id,
-            key_name: name.clone(),
+            key_name: name.to_string(),
             ..Default::default()
         },
         Decision::Allow(Principal::User { username }) => proto::AuthorizeResponse {

@@ -51,7 +51,7 @@ pub struct CheckOptions {
 /// every use anyway: the bytes name the key in a header, and a store restored from an older
 /// backup could give an id to a second key.
 struct EncodedAllow {
-    name: String,
+    name: Arc<str>,
     bytes: Bytes,
 }
 
@@ -123,11 +123,11 @@ impl EnvoyAuthorizationService {
         match principal {
             Principal::Key { id, name } => {
                 http.add_header(KEY_ID_HEADER, id.to_string(), overwrite, false)
-                    .add_header(KEY_NAME_HEADER, header_safe(name), overwrite, true)
+                    .add_header(KEY_NAME_HEADER, header_safe(&name), overwrite, true)
                     .remove_header(USER_HEADER);
             }
             Principal::User { username } => {
-                http.add_header(USER_HEADER, header_safe(username), overwrite, true)
+                http.add_header(USER_HEADER, header_safe(&username), overwrite, true)
                     .remove_header(KEY_ID_HEADER)
                     .remove_header(KEY_NAME_HEADER);
             }
@@ -214,12 +214,11 @@ fn authorization_header(request: &CheckRequest) -> Option<&[u8]> {
 }
 
 /// Key names are printable UTF-8, but a header value should be visible ASCII: other bytes
-/// (and `%` itself) are percent-encoded, so upstreams get a stable, decodable value. A value
-/// that needs no encoding (the usual case) is returned as it is, without a copy.
-fn header_safe(value: String) -> String {
+/// (and `%` itself) are percent-encoded, so upstreams get a stable, decodable value.
+fn header_safe(value: &str) -> String {
     let safe = |byte: u8| (0x20..0x7f).contains(&byte) && byte != b'%';
     if value.bytes().all(safe) {
-        return value;
+        return value.to_owned();
     }
     let mut out = String::with_capacity(value.len() + 8);
     for byte in value.bytes() {
@@ -246,7 +245,7 @@ fn metadata(reason: Option<DenyReason>, principal: Option<&Principal>) -> Struct
     match principal {
         Some(Principal::Key { id, name }) => {
             fields.insert("key_id".to_owned(), text(id.to_string()));
-            fields.insert("key_name".to_owned(), text(name.clone()));
+            fields.insert("key_name".to_owned(), text(name.to_string()));
         }
         Some(Principal::User { username }) => {
             fields.insert("user".to_owned(), text(username.clone()));
@@ -335,7 +334,7 @@ mod tests {
 
     #[test]
     fn header_values_are_visible_ascii() {
-        let encoded = |value: &str| header_safe(value.to_owned());
+        let encoded = header_safe;
         assert_eq!(encoded("prometheus scraper"), "prometheus scraper");
         assert_eq!(encoded("100%"), "100%25");
         assert_eq!(encoded("clé"), "cl%C3%A9");
