@@ -80,29 +80,25 @@ impl EnvoyAuthorizationService {
     /// there is none), anything else built for this request.
     fn answer(&self, decision: Decision) -> CheckAnswer {
         match decision {
-            Decision::Allow(Principal::Key { id, name }) => {
-                if let Some(kept) = self.encoded_allows.get(&id)
-                    && kept.name == name
-                {
-                    return CheckAnswer::Encoded(kept.bytes.clone());
+            Decision::Allow(principal) => match &principal {
+                Principal::Key { id, name } => {
+                    if let Some(kept) = self.encoded_allows.get(id)
+                        && kept.name == *name
+                    {
+                        return CheckAnswer::Encoded(kept.bytes.clone());
+                    }
+                    let bytes = Bytes::from(self.allowed(&principal).encode_to_vec());
+                    self.encoded_allows.insert(
+                        *id,
+                        Arc::new(EncodedAllow {
+                            name: name.clone(),
+                            bytes: bytes.clone(),
+                        }),
+                    );
+                    CheckAnswer::Encoded(bytes)
                 }
-                let bytes = Bytes::from(
-                    self.allowed(Principal::Key {
-                        id,
-                        name: name.clone(),
-                    })
-                    .encode_to_vec(),
-                );
-                self.encoded_allows.insert(
-                    id,
-                    Arc::new(EncodedAllow {
-                        name,
-                        bytes: bytes.clone(),
-                    }),
-                );
-                CheckAnswer::Encoded(bytes)
-            }
-            Decision::Allow(principal) => CheckAnswer::Message(Box::new(self.allowed(principal))),
+                Principal::User { .. } => CheckAnswer::Message(Box::new(self.allowed(&principal))),
+            },
             Decision::Deny {
                 reason,
                 retry_after_secs,
@@ -110,24 +106,19 @@ impl EnvoyAuthorizationService {
         }
     }
 
-    fn allowed(&self, principal: Principal) -> CheckResponse {
+    fn allowed(&self, principal: &Principal) -> CheckResponse {
         let mut http = OkHttpResponseBuilder::new();
         let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
-        // The metadata (off by default, see below) is built before the principal's name moves
-        // into a header.
-        let metadata = self
-            .allow_metadata
-            .then(|| metadata(None, Some(&principal)));
         // Headers keygate did not set are removed, so a client cannot forge an identity by
         // sending them itself.
         match principal {
             Principal::Key { id, name } => {
                 http.add_header(KEY_ID_HEADER, id.to_string(), overwrite, false)
-                    .add_header(KEY_NAME_HEADER, header_safe(&name), overwrite, true)
+                    .add_header(KEY_NAME_HEADER, header_safe(name), overwrite, true)
                     .remove_header(USER_HEADER);
             }
             Principal::User { username } => {
-                http.add_header(USER_HEADER, header_safe(&username), overwrite, true)
+                http.add_header(USER_HEADER, header_safe(username), overwrite, true)
                     .remove_header(KEY_ID_HEADER)
                     .remove_header(KEY_NAME_HEADER);
             }
@@ -140,8 +131,8 @@ impl EnvoyAuthorizationService {
         // Off by default: Envoy parses and merges the metadata on every allowed request, which
         // costs it about as much as the two identity headers do (callgrind, README's
         // Benchmarks), for information the upstream request already carries.
-        if metadata.is_some() {
-            response.set_dynamic_metadata(metadata);
+        if self.allow_metadata {
+            response.set_dynamic_metadata(Some(metadata(None, Some(principal))));
         }
         response
     }
@@ -216,13 +207,9 @@ fn authorization_header(request: &CheckRequest) -> Option<&[u8]> {
 /// Key names are printable UTF-8, but a header value should be visible ASCII: other bytes
 /// (and `%` itself) are percent-encoded, so upstreams get a stable, decodable value.
 fn header_safe(value: &str) -> String {
-    let safe = |byte: u8| (0x20..0x7f).contains(&byte) && byte != b'%';
-    if value.bytes().all(safe) {
-        return value.to_owned();
-    }
-    let mut out = String::with_capacity(value.len() + 8);
+    let mut out = String::with_capacity(value.len());
     for byte in value.bytes() {
-        if safe(byte) {
+        if (0x20..0x7f).contains(&byte) && byte != b'%' {
             out.push(byte as char);
         } else {
             out.push_str(&format!("%{byte:02X}"));
@@ -307,7 +294,7 @@ mod tests {
     async fn an_allowed_key_is_answered_with_the_bytes_encoded_for_it() {
         let service = service().await;
         let first = allowed_bytes(&service, 7, "scraper");
-        let built = service.allowed(Principal::Key {
+        let built = service.allowed(&Principal::Key {
             id: 7,
             name: "scraper".into(),
         });
