@@ -16,7 +16,8 @@ use keygate::grpc::proto::DenyReason;
 use crate::{
     both_backends,
     helpers::{
-        ADMIN_PASSWORD, ADMIN_USER, TestBackend, basic, bearer, channel, spawn_app, spawn_app_with,
+        ADMIN_PASSWORD, ADMIN_USER, TestBackend, basic, bearer, channel, metric_value, spawn_app,
+        spawn_app_with,
     },
 };
 
@@ -208,8 +209,66 @@ async fn check_answers_with_headers_and_reasons(backend: TestBackend) {
     );
 }
 
+/// SPEC section 6 / issue #4: decisions are counted by transport and outcome, and each one is
+/// timed in the decision histogram (hits of the cache included: they are most decisions).
+async fn decisions_are_counted_by_transport_and_reason(backend: TestBackend) {
+    let app = spawn_app(&backend).await;
+    let (key, secret) = app.create_key("metered").await;
+    let sample = |transport: &str, decision: &str| {
+        format!(r#"keygate_decisions_total{{transport="{transport}",decision="{decision}"}}"#)
+    };
+    let before = app.metrics().await;
+    for _ in 0..3 {
+        assert!(app.authorize(&bearer(&secret)).await.allowed);
+    }
+    assert_eq!(
+        app.authorize("").await.reason(),
+        DenyReason::MissingCredentials
+    );
+    let answer = check(app.main_addr, &bearer(&secret)).await;
+    assert_eq!(
+        answer.status.map(|s| s.code),
+        Some(0),
+        "Check allows the key"
+    );
+    app.set_enabled(key.id, false).await;
+    let answer = check(app.main_addr, &bearer(&secret)).await;
+    assert_ne!(
+        answer.status.map(|s| s.code),
+        Some(0),
+        "Check denies it once disabled"
+    );
+
+    let after = app.metrics().await;
+    let moved = |sample: &str| metric_value(&after, sample) - metric_value(&before, sample);
+    assert_eq!(moved(&sample("authorize", "ALLOWED")), 3.0, "{after}");
+    assert_eq!(
+        moved(&sample("authorize", "MISSING_CREDENTIALS")),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(moved(&sample("envoy", "ALLOWED")), 1.0, "{after}");
+    assert_eq!(moved(&sample("envoy", "KEY_DISABLED")), 1.0, "{after}");
+    assert_eq!(moved(&sample("authorize", "KEY_DISABLED")), 0.0, "{after}");
+    assert_eq!(
+        moved("keygate_decision_duration_seconds_count"),
+        6.0,
+        "{after}"
+    );
+    assert!(
+        moved("keygate_decision_duration_seconds_sum") > 0.0,
+        "{after}"
+    );
+    assert_eq!(
+        moved(r#"keygate_decision_duration_seconds_bucket{le="+Inf"}"#),
+        6.0,
+        "{after}"
+    );
+}
+
 both_backends!(
     check_answers_with_headers_and_reasons,
+    decisions_are_counted_by_transport_and_reason,
     basic_auth_works_until_the_first_key_then_never_again,
     deny_reasons_follow_the_decision_order,
 );
