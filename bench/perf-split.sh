@@ -23,9 +23,12 @@ sample() {
     pgrep -f "keygate-bench alternate .*--block 50" >/dev/null && break
     sleep 0.2
   done
-  kg=$(pgrep -f "target/release/keygate serve" | head -1)
-  mimic=$(pgrep -f "noop-authz --listen .*--answer keygate" | head -1)
-  noop=$(pgrep -f "noop-authz --listen" | grep -vx "$mimic" | head -1)
+  # The newest of each: scenario 1 starts its own set of servers (bench/run.sh start_chains)
+  # after the ones the other scenarios use. The newest plain no-op is the twin, which serves
+  # as many of the probe's requests as the no-op.
+  kg=$(pgrep -nf "target/release/keygate serve")
+  mimic=$(pgrep -nf "noop-authz --listen .*--answer keygate")
+  noop=$(pgrep -f "noop-authz --listen" | grep -vx "$mimic" | sort -n | tail -1)
   for pid in "kg:$kg" "noop:$noop" "mimic:$mimic"; do
     perf record -q -e cpu-clock -F 10000 -p "${pid#*:}" -o "$OUT/${pid%%:*}.data" \
       -- sleep "$SAMPLE_SECS" 2>>"$OUT/perf.log" &

@@ -182,18 +182,6 @@ NOOP_PORT=$(free_port)
 PID_noop=$!
 PIDS+=("$PID_noop")
 wait_serving "$NOOP_PORT" >/dev/null
-# The same no-op, answering with what keygate sends for an allowed key (identity headers set,
-# others removed).
-MIMIC_PORT=$(free_port)
-"$BIN/noop-authz" --listen "127.0.0.1:$MIMIC_PORT" --answer keygate >>"$WORK/noop.log" 2>&1 &
-PIDS+=("$!")
-wait_serving "$MIMIC_PORT" >/dev/null
-# A second, identical no-op: scenario 1's latency probe measures it beside the first, and their
-# difference is the probe's own noise floor (an A/A pair).
-TWIN_PORT=$(free_port)
-"$BIN/noop-authz" --listen "127.0.0.1:$TWIN_PORT" >>"$WORK/noop.log" 2>&1 &
-PIDS+=("$!")
-wait_serving "$TWIN_PORT" >/dev/null
 KEY=$("$BENCH" create-key --admin-addr "127.0.0.1:$ADMIN_kg" --name bench)
 log "keygate (pid $PID_kg) on :$MAIN_kg, noop-authz on :$NOOP_PORT; bench key created"
 
@@ -224,17 +212,40 @@ wait_envoy() {
   log "envoy (admin :$1) did not become ready"; cat "$2" >&2; exit 1
 }
 
-scenario_envoy() {
-  local up
-  up=$(free_port)
-  "$BIN/demo-upstream" --listen "127.0.0.1:$up" >>"$WORK/upstream.log" 2>&1 &
+# start_noop VAR [ARGS...]: a no-op authorization server on a fresh port (set in VAR), serving.
+start_noop() {
+  local port
+  port=$(free_port)
+  "$BIN/noop-authz" --listen "127.0.0.1:$port" "${@:2}" >>"$WORK/noop.log" 2>&1 &
   PIDS+=("$!")
+  CHAIN_PIDS+=("$!")
+  printf -v "$1" %s "$port"
+  printf -v "PID_$1" %s "$!"
+  wait_serving "$port" >/dev/null
+}
+
+# start_chains UPSTREAM_PORT: a fresh set of scenario 1's processes: a keygate on the bench
+# database (PID_chain, MAIN_chain, METRICS_chain), the no-op, the no-op giving keygate's
+# answer (mimic), a second plain no-op (twin: with the no-op, an A/A pair whose difference is
+# the probe's own noise), and an Envoy in front of each, plus one Envoy without ext_authz
+# (ENVOY_PORT[variant]). Each repetition gets its own set: two identical processes differ by
+# a few microseconds per request for as long as they run (where the scheduler keeps their
+# threads, how their memory falls in the caches), and a set kept for the whole run would carry
+# that difference into every repetition.
+start_chains() {
+  local up=$1 variant authz listen admin config code
+  CHAIN_PIDS=()
+  start_keygate chain "$PG_BASE/$DB" KEYGATE_ARGON2_NICE="${BENCH_ARGON2_NICE:-10}"
+  CHAIN_PIDS+=("$PID_chain")
+  wait_serving "$MAIN_chain" >/dev/null
+  start_noop CHAIN_NOOP
+  start_noop CHAIN_MIMIC --answer keygate
+  start_noop CHAIN_TWIN
   declare -gA ENVOY_PORT
-  local variant authz listen admin config
   for variant in keygate noop mimic none twin; do
     case $variant in
-      keygate) authz=$MAIN_kg ;; mimic) authz=$MIMIC_PORT ;; twin) authz=$TWIN_PORT ;;
-      *) authz=$NOOP_PORT ;;
+      keygate) authz=$MAIN_chain ;; mimic) authz=$CHAIN_MIMIC ;; twin) authz=$CHAIN_TWIN ;;
+      *) authz=$CHAIN_NOOP ;;
     esac
     listen=$(free_port); admin=$(free_port)
     config=$WORK/envoy-$variant.yaml
@@ -243,11 +254,11 @@ scenario_envoy() {
     "$ENVOY" -c "$config" --concurrency 1 --use-dynamic-base-id --log-level warn \
       >>"$WORK/envoy-$variant.log" 2>&1 &
     PIDS+=("$!")
+    CHAIN_PIDS+=("$!")
     ENVOY_PORT[$variant]=$listen
     wait_envoy "$admin" "$WORK/envoy-$variant.log"
   done
   # Sanity: keygate really decides (401 without the key), every variant serves with it.
-  local code
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${ENVOY_PORT[keygate]}/metrics")
   [ "$code" = 401 ] || { log "Envoy→keygate without a key answered $code, not 401"; exit 1; }
   for variant in keygate noop mimic none twin; do
@@ -255,6 +266,17 @@ scenario_envoy() {
       "http://127.0.0.1:${ENVOY_PORT[$variant]}/metrics")
     [ "$code" = 200 ] || { log "Envoy ($variant) with the key answered $code, not 200"; exit 1; }
   done
+}
+stop_chains() {
+  local pid
+  for pid in "${CHAIN_PIDS[@]}"; do stop_pid "$pid"; done
+}
+
+scenario_envoy() {
+  local up
+  up=$(free_port)
+  "$BIN/demo-upstream" --listen "127.0.0.1:$up" >>"$WORK/upstream.log" 2>&1 &
+  PIDS+=("$!")
 
   # run_wrk VARIANT CONNECTIONS SECS -> "rps p50_us"
   run_wrk() {
@@ -271,8 +293,6 @@ scenario_envoy() {
         print (u == "us" ? v : u == "ms" ? v * 1000 : v * 1000000) }' <<<"$out")
     echo "$rps $p50"
   }
-  log "1. Envoy: warm-up"
-  for variant in keygate noop mimic none twin; do run_wrk "$variant" 8 1 >/dev/null; done
   declare -A rps32 this_rep p50_1
   # Per repetition, keygate paired with the no-op under the same conditions: the medians of these
   # pairs are what the targets judge (each variant's own median is shown beside them).
@@ -288,6 +308,9 @@ scenario_envoy() {
   # ±100 µs from run to run here, with where the scheduler puts the chain's processes;
   # alternating requests share those conditions).
   for rep in $(seq "$ENVOY_REPS"); do
+    start_chains "$up"
+    log "1. Envoy: repetition $rep of $ENVOY_REPS (fresh processes), warm-up"
+    for variant in keygate noop mimic none twin; do run_wrk "$variant" 8 1 >/dev/null; done
     for j in 0 1 2 3; do
       variant=${variants[$(( (rep + j) % 4 ))]}
       r=$(run_wrk "$variant" 32 "$WRK_SECS")
@@ -307,13 +330,13 @@ scenario_envoy() {
     sequential_ratio32+=" $(calc "${this_rep[keygate]% *} / ${this_rep[noop]% *}" 4)"
     # Unloaded latency, in blocks of ALT_BLOCK requests per Envoy (each chain warm, as under a
     # lone wrk connection; switching every few tens of milliseconds): the verdict's pairs.
-    kg_cpu=$(cpu_ns "$PID_kg"); noop_cpu=$(cpu_ns "$PID_noop")
-    decided_before=$(decision_totals "$METRICS_kg")
+    kg_cpu=$(cpu_ns "$PID_chain"); noop_cpu=$(cpu_ns "$PID_CHAIN_NOOP")
+    decided_before=$(decision_totals "$METRICS_chain")
     line=$("$BENCH" alternate --key "$KEY" --requests "$ALT_REQUESTS" --block "$ALT_BLOCK" \
       --duration-secs 60 $(targets))
-    kg_cpu=$(( $(cpu_ns "$PID_kg") - kg_cpu )); noop_cpu=$(( $(cpu_ns "$PID_noop") - noop_cpu ))
+    kg_cpu=$(( $(cpu_ns "$PID_chain") - kg_cpu )); noop_cpu=$(( $(cpu_ns "$PID_CHAIN_NOOP") - noop_cpu ))
     # keygate's own account of its decisions in that run (cached ones: the key is warm).
-    decided_after=$(decision_totals "$METRICS_kg")
+    decided_after=$(decision_totals "$METRICS_chain")
     decision_us=$(awk -v b="$decided_before" -v a="$decided_after" 'BEGIN {
       split(b, x, " "); split(a, y, " "); n = y[2] - x[2]
       printf "%.2f", (n > 0 ? (y[1] - x[1]) / n * 1e6 : 0) }')
@@ -334,6 +357,7 @@ scenario_envoy() {
       --duration-secs 60 $(targets))
     raw "envoy rep=$rep connections=1 $line"
     paired_p50_cold+=" $(calc "$(field keygate_p50_us "$line") - $(field noop_p50_us "$line")" 1)"
+    stop_chains
   done
   local k n m z ratio
   k=$(median <<<"${rps32[keygate]}"); n=$(median <<<"${rps32[noop]}"); z=$(median <<<"${rps32[none]}")
