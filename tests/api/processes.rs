@@ -337,10 +337,11 @@ pub fn render_example<A: AsRef<str>, B: AsRef<str>>(name: &str, replacements: &[
 }
 
 /// Replaces `word` by `replacement` where it stands as a whole word (not inside a longer run of
-/// letters, digits or `_`, so `upstream` leaves `upstreams` alone), and insists that it occurs
-/// exactly once: a test must notice when the example it renders changes shape.
+/// letters, digits, `_` or `-`, so `upstream` leaves `upstreams` alone and `keygate` leaves the
+/// header name `x-keygate-key-id` alone), and insists that it occurs exactly once: a test must
+/// notice when the example it renders changes shape.
 pub fn replace_word(text: &str, word: &str, replacement: &str) -> Result<String, String> {
-    let is_word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let is_word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '-');
     let hits: Vec<usize> = text
         .match_indices(word)
         .map(|(at, _)| at)
