@@ -173,15 +173,23 @@ decision_totals() {
 # drops out, hence `|| true`).
 cpu_ns() { awk '{ t += $1 } END { printf "%d", t }' "/proc/$1"/task/*/schedstat 2>/dev/null || true; }
 
+# start_noop VAR [ARGS...]: a no-op authorization server on a fresh port (set in VAR; its pid in
+# PID_<VAR>), serving.
+start_noop() {
+  local port
+  port=$(free_port)
+  "$BIN/noop-authz" --listen "127.0.0.1:$port" "${@:2}" >>"$WORK/noop.log" 2>&1 &
+  PIDS+=("$!")
+  printf -v "$1" %s "$port"
+  printf -v "PID_$1" %s "$!"
+  wait_serving "$port" >/dev/null
+}
+
 # The figures in the README were measured with argon2 at nice +10 (then the default; now opt-in
 # with KEYGATE_ARGON2_NICE, see src/argon_pool.rs). BENCH_ARGON2_NICE=0 measures the default.
 start_keygate kg "$PG_BASE/$DB" KEYGATE_ARGON2_NICE="${BENCH_ARGON2_NICE:-10}"
 wait_serving "$MAIN_kg" >/dev/null
-NOOP_PORT=$(free_port)
-"$BIN/noop-authz" --listen "127.0.0.1:$NOOP_PORT" >>"$WORK/noop.log" 2>&1 &
-PID_noop=$!
-PIDS+=("$PID_noop")
-wait_serving "$NOOP_PORT" >/dev/null
+start_noop NOOP_PORT
 KEY=$("$BENCH" create-key --admin-addr "127.0.0.1:$ADMIN_kg" --name bench)
 log "keygate (pid $PID_kg) on :$MAIN_kg, noop-authz on :$NOOP_PORT; bench key created"
 
@@ -212,18 +220,6 @@ wait_envoy() {
   log "envoy (admin :$1) did not become ready"; cat "$2" >&2; exit 1
 }
 
-# start_noop VAR [ARGS...]: a no-op authorization server on a fresh port (set in VAR), serving.
-start_noop() {
-  local port
-  port=$(free_port)
-  "$BIN/noop-authz" --listen "127.0.0.1:$port" "${@:2}" >>"$WORK/noop.log" 2>&1 &
-  PIDS+=("$!")
-  CHAIN_PIDS+=("$!")
-  printf -v "$1" %s "$port"
-  printf -v "PID_$1" %s "$!"
-  wait_serving "$port" >/dev/null
-}
-
 # start_chains UPSTREAM_PORT: a fresh set of scenario 1's processes: a keygate on the bench
 # database (PID_chain, MAIN_chain, METRICS_chain), the no-op, the no-op giving keygate's
 # answer (mimic), a second plain no-op (twin: with the no-op, an A/A pair whose difference is
@@ -241,6 +237,7 @@ start_chains() {
   start_noop CHAIN_NOOP
   start_noop CHAIN_MIMIC --answer keygate
   start_noop CHAIN_TWIN
+  CHAIN_PIDS+=("$PID_CHAIN_NOOP" "$PID_CHAIN_MIMIC" "$PID_CHAIN_TWIN")
   declare -gA ENVOY_PORT
   for variant in keygate noop mimic none twin; do
     case $variant in
@@ -470,17 +467,13 @@ instructions_per_request() {
   # What each part of keygate's allow (SPEC section 3: identity headers set, `authorization`
   # and the other identity header removed) costs Envoy: Envoy under callgrind behind the no-op
   # sending that part only. The server's work is not counted here, only Envoy's.
-  local answer noop_pid
+  local answer
   declare -A answer_ir
   for answer in identity-headers removals keygate; do
-    server_port=$(free_port)
-    "$BIN/noop-authz" --listen "127.0.0.1:$server_port" --answer "$answer" >>"$WORK/noop.log" 2>&1 &
-    noop_pid=$!
-    PIDS+=("$noop_pid")
-    "$BENCH" wait-serving --addr "127.0.0.1:$server_port" >/dev/null
-    envoy_instructions "answer-$answer" "$server_port"
+    start_noop ANSWER_PORT --answer "$answer"
+    envoy_instructions "answer-$answer" "$ANSWER_PORT"
     answer_ir[$answer]=$ENVOY_IR
-    stop_pid "$noop_pid"
+    stop_pid "$PID_ANSWER_PORT"
     raw "instructions envoy_behind_noop answer=$answer envoy_per_request=${answer_ir[$answer]}"
   done
 

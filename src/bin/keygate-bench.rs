@@ -434,8 +434,6 @@ struct StatusCodeOnly {
     code: i32,
 }
 
-const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
-
 /// One call; `Ok(true)` when allowed.
 #[derive(Clone)]
 enum Caller {
@@ -478,7 +476,9 @@ impl Caller {
                 let response = client
                     .unary(
                         tonic::Request::new(request.as_ref().clone()),
-                        tonic::codegen::http::uri::PathAndQuery::from_static(CHECK_PATH),
+                        tonic::codegen::http::uri::PathAndQuery::from_static(
+                            keygate::grpc::check_server::CHECK_PATH,
+                        ),
                         codec,
                     )
                     .await?

@@ -19,6 +19,7 @@ use envoy_types::ext_authz::v3::{
     pb::{CheckRequest, CheckResponse, HeaderAppendAction},
 };
 use keygate::grpc::check_server::{AuthorizationServer, CheckAnswer, CheckHandler};
+use keygate::grpc::envoy::{KEY_ID_HEADER, KEY_NAME_HEADER, USER_HEADER};
 use keygate::grpc::proto::{
     AuthorizeRequest, AuthorizeResponse,
     authorizer_server::{Authorizer, AuthorizerServer},
@@ -71,11 +72,11 @@ fn allow(answer: Answer) -> CheckResponse {
     // As src/grpc/envoy.rs answers an allowed key (id 1, named "bench") by default.
     let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
     if matches!(answer, Answer::Keygate | Answer::IdentityHeaders) {
-        http.add_header("x-keygate-key-id", 1.to_string(), overwrite, false)
-            .add_header("x-keygate-key-name", "bench".to_owned(), overwrite, true);
+        http.add_header(KEY_ID_HEADER, 1.to_string(), overwrite, false)
+            .add_header(KEY_NAME_HEADER, "bench".to_owned(), overwrite, true);
     }
     if matches!(answer, Answer::Keygate | Answer::Removals) {
-        http.remove_header("x-keygate-user")
+        http.remove_header(USER_HEADER)
             .remove_header("authorization");
     }
     response.set_http_response(http);

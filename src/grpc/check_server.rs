@@ -16,6 +16,9 @@ use tonic::{
     server::{Grpc, NamedService, UnaryService},
 };
 
+/// The one method's path: what the server routes and what clients call.
+pub const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+
 /// What Check sends: a message, or a message encoded before (an allowed key's, see
 /// `EnvoyAuthorizationService::answer`). The message is boxed: an allow is the hot path, and
 /// its answer should not carry a 272-byte variant through every future it passes.
@@ -74,7 +77,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != "/envoy.service.auth.v3.Authorization/Check" {
+        if request.uri().path() != CHECK_PATH {
             return Box::pin(async {
                 Ok(Status::unimplemented("").into_http::<tonic::body::Body>())
             });
