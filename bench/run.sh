@@ -115,6 +115,7 @@ raw() { RAW+=("$*"); echo "  $*"; }
 # Field NAME of a `name=value` result line.
 field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+sorted() { tr ' ' '\n' | grep -v '^$' | sort -g | paste -sd' '; }
 calc() { awk "BEGIN { printf \"%.${2:-2}f\", $1 }"; }
 verdict() { if awk "BEGIN { exit !($1) }"; then echo PASS; else echo FAIL; fi; }
 
@@ -185,10 +186,17 @@ start_noop() {
   wait_serving "$port" >/dev/null
 }
 
-# The figures in the README were measured with argon2 at nice +10 (then the default; now opt-in
-# with KEYGATE_ARGON2_NICE, see src/argon_pool.rs). BENCH_ARGON2_NICE=0 measures the default.
-start_keygate kg "$PG_BASE/$DB" KEYGATE_ARGON2_NICE="${BENCH_ARGON2_NICE:-10}"
-wait_serving "$MAIN_kg" >/dev/null
+# start_bench_keygate NAME: start_keygate on the bench database, serving. The figures in the
+# README were measured with argon2 at nice +10 (then the default; now opt-in with
+# KEYGATE_ARGON2_NICE, see src/argon_pool.rs). BENCH_ARGON2_NICE=0 measures the default.
+start_bench_keygate() {
+  local main
+  start_keygate "$1" "$PG_BASE/$DB" KEYGATE_ARGON2_NICE="${BENCH_ARGON2_NICE:-10}"
+  main=MAIN_$1
+  wait_serving "${!main}" >/dev/null
+}
+
+start_bench_keygate kg
 start_noop NOOP_PORT
 KEY=$("$BENCH" create-key --admin-addr "127.0.0.1:$ADMIN_kg" --name bench)
 log "keygate (pid $PID_kg) on :$MAIN_kg, noop-authz on :$NOOP_PORT; bench key created"
@@ -231,9 +239,8 @@ wait_envoy() {
 start_chains() {
   local up=$1 variant authz listen admin config code
   CHAIN_PIDS=()
-  start_keygate chain "$PG_BASE/$DB" KEYGATE_ARGON2_NICE="${BENCH_ARGON2_NICE:-10}"
+  start_bench_keygate chain
   CHAIN_PIDS+=("$PID_chain")
-  wait_serving "$MAIN_chain" >/dev/null
   start_noop CHAIN_NOOP
   start_noop CHAIN_MIMIC --answer keygate
   start_noop CHAIN_TWIN
@@ -371,7 +378,7 @@ scenario_envoy() {
   diff=$(median <<<"$paired_p50_diff")
   result "1. Envoy, 1 connection" "p50 keygate − noop, median of $ENVOY_REPS runs alternating every $ALT_BLOCK requests (medians $k − $n µs)" "$diff µs" "≤ 10 µs" "$(verdict "$diff <= 10")"
   result "1. Envoy, 1 connection" "p50 keygate − no-op giving keygate's answer" "$(median <<<"$paired_p50_mimic") µs" "(context)" "-"
-  result "1. Envoy, 1 connection" "p50 no-op's twin − no-op (identical chains: the probe's noise; per run $(tr ' ' '\n' <<<"$paired_p50_twin" | grep -v '^$' | sort -g | paste -sd' '))" "$(median <<<"$paired_p50_twin") µs" "(context)" "-"
+  result "1. Envoy, 1 connection" "p50 no-op's twin − no-op (identical chains: the probe's noise; per run $(sorted <<<"$paired_p50_twin"))" "$(median <<<"$paired_p50_twin") µs" "(context)" "-"
   result "1. Envoy, 1 connection" "p50 keygate − noop, switching Envoy at every request (cold caches)" "$(median <<<"$paired_p50_cold") µs" "(context)" "-"
   result "1. Envoy, 1 connection" "p50 with no ext_authz" "$z µs" "(context)" "-"
   result "1. Envoy, 1 connection" "server CPU time per request in those runs, keygate / noop" "$(calc "$(median <<<"$paired_cpu_ratio")" 3)×" "(context)" "-"
@@ -495,27 +502,25 @@ instructions_per_request() {
 # judges the median of the repetitions' keygate / no-op ratios.
 scenario_grpc() {
   log "2. direct gRPC Check load (fresh servers per repetition)"
-  local rep variant port line order ratio twin_ratio k n
-  declare -A rps this
+  local rep variant line order ratio k n
+  declare -A rps this port
   local paired="" twin_paired=""
   for rep in $(seq "$GRPC_REPS"); do
-    start_keygate grpc "$PG_BASE/$DB" KEYGATE_ARGON2_NICE="${BENCH_ARGON2_NICE:-10}"
-    wait_serving "$MAIN_grpc" >/dev/null
+    start_bench_keygate grpc
     start_noop GRPC_NOOP
     start_noop GRPC_TWIN
+    port=([keygate]=$MAIN_grpc [noop]=$GRPC_NOOP [twin]=$GRPC_TWIN)
     # Rotated, so that each variant runs first, second and third equally often.
     case $((rep % 3)) in
       1) order="keygate noop twin" ;; 2) order="noop twin keygate" ;; *) order="twin keygate noop" ;;
     esac
     for variant in keygate noop twin; do
-      case $variant in keygate) port=$MAIN_grpc ;; noop) port=$GRPC_NOOP ;; twin) port=$GRPC_TWIN ;; esac
       # Warm-up: keygate's first call verifies the key with argon2 (then it is cached).
-      "$BENCH" --threads 1 load --addr "127.0.0.1:$port" --rpc check --key "$KEY" \
+      "$BENCH" --threads 1 load --addr "127.0.0.1:${port[$variant]}" --rpc check --key "$KEY" \
         --connections 2 --concurrency 64 --duration-secs 1 --label warm-up >/dev/null
     done
     for variant in $order; do
-      case $variant in keygate) port=$MAIN_grpc ;; noop) port=$GRPC_NOOP ;; twin) port=$GRPC_TWIN ;; esac
-      line=$("$BENCH" --threads 1 load --addr "127.0.0.1:$port" --rpc check --key "$KEY" \
+      line=$("$BENCH" --threads 1 load --addr "127.0.0.1:${port[$variant]}" --rpc check --key "$KEY" \
         --connections 2 --concurrency 64 --duration-secs "$LOAD_SECS" --label "grpc-$variant")
       raw "$line rep=$rep"
       this[$variant]=$(field rps "$line")
@@ -527,10 +532,9 @@ scenario_grpc() {
   done
   k=$(median <<<"${rps[keygate]}"); n=$(median <<<"${rps[noop]}")
   ratio=$(calc "$(median <<<"$paired")" 3)
-  twin_ratio=$(calc "$(median <<<"$twin_paired")" 3)
   raw "grpc paired keygate/noop:$paired twin/noop:$twin_paired"
   result "2. gRPC Check, 64 in flight" "keygate / noop RPC/s, median of $GRPC_REPS fresh pairs (medians $k / $n)" "${ratio}×" "≥ 0.90×" "$(verdict "$ratio >= 0.90")"
-  result "2. gRPC Check, 64 in flight" "twin / noop (two identical no-ops: the noise floor), range" "${twin_ratio}× ($(tr ' ' '\n' <<<"$twin_paired" | grep -v '^$' | sort -g | sed -n '1p;$p' | xargs | sed 's/ /–/'))" "(context)" "-"
+  result "2. gRPC Check, 64 in flight" "twin / noop (identical no-ops: the noise floor; per repetition $(sorted <<<"$twin_paired"))" "$(calc "$(median <<<"$twin_paired")" 3)×" "(context)" "-"
 }
 
 # --- 3. Cache misses ------------------------------------------------------------------------
