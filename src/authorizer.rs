@@ -18,7 +18,7 @@ use crate::{
     domain::{
         credentials::{ClientAddress, CredentialsError, parse_authorization},
         decision::{Decision, DenyReason, Principal, check_key_state},
-        key::{KeyPrefix, parse_key_shape},
+        key::{KeyPrefix, PresentedKey, parse_key_shape},
     },
     metrics::{Metrics, Transport},
     rate_limit::FailureLimiter,
@@ -89,8 +89,41 @@ impl Authorizer {
     ) -> Result<Decision, DecideError> {
         let started = Instant::now();
         let result = self.decide(header, &client).await;
+        self.record(transport, &result, &client, started);
+        result
+    }
+
+    /// `authorize` for the requests the hot path allows (a cached key presented again, once
+    /// API keys are on), without a future; `None` for every other request, which `authorize`
+    /// then decides in full (running the same checks again, so the outcome is the same).
+    pub fn authorize_cached(
+        &self,
+        transport: Transport,
+        header: Option<&[u8]>,
+        client: &ClientAddress<'_>,
+    ) -> Option<Decision> {
+        let started = Instant::now();
+        if !self.api_keys_enabled.load(Ordering::Acquire) {
+            return None;
+        }
+        let credentials = parse_authorization(header).ok()?;
+        let key_text = parse_key_shape(&self.prefix, credentials.secret()).ok()?;
+        let decision = self.cached_allow(&key_text)?;
+        let result = Ok(decision);
+        self.record(transport, &result, client, started);
+        result.ok()
+    }
+
+    /// The outcome in the metrics and the log (reason only, never the credential).
+    fn record(
+        &self,
+        transport: Transport,
+        result: &Result<Decision, DecideError>,
+        client: &ClientAddress<'_>,
+        started: Instant,
+    ) {
         let elapsed = started.elapsed().as_secs_f64();
-        match &result {
+        match result {
             Ok(decision) => {
                 self.metrics.record_decision(transport, decision, elapsed);
                 match decision {
@@ -107,7 +140,6 @@ impl Authorizer {
                 tracing::warn!(?transport, ?client, %error, "no decision")
             }
         }
-        result
     }
 
     async fn decide(
@@ -146,19 +178,8 @@ impl Authorizer {
         let Ok(key_text) = parse_key_shape(&self.prefix, presented) else {
             return Ok(Decision::deny(DenyReason::InvalidCredentials));
         };
-        // The hot path: a cached key, usable now, presented with the exact 40 characters that
-        // were verified for it before. Those passed the checksum before they were verified
-        // (below), and the checksum covers only the prefix, the id and those characters, so
-        // recomputing it could not change the outcome.
-        if let Some(entry) = self.cache.key(key_text.id)
-            && let CachedKey::Known(key) = &*entry
-        {
-            let now = Utc::now();
-            if check_key_state(key.record.expires_at, key.record.enabled, now).is_ok()
-                && self.cache.recognises(&key.secret, key_text.secret)
-            {
-                return Ok(self.allow(key, now));
-            }
+        if let Some(allowed) = self.cached_allow(&key_text) {
+            return Ok(allowed);
         }
         // Everything else, in SPEC order. Wrong checksum: no store lookup, no argon2.
         if !key_text.checksum_matches() {
@@ -205,6 +226,21 @@ impl Authorizer {
             }
             return Ok(self.allow(key, now));
         }
+    }
+
+    /// The hot path: a cached key, usable now, presented with the exact 40 characters that
+    /// were verified for it before. Those passed the checksum before they were verified
+    /// (`decide_key`), and the checksum covers only the prefix, the id and those characters,
+    /// so recomputing it could not change the outcome.
+    fn cached_allow(&self, key_text: &PresentedKey<'_>) -> Option<Decision> {
+        let entry = self.cache.key(key_text.id)?;
+        let CachedKey::Known(key) = &*entry else {
+            return None;
+        };
+        let now = Utc::now();
+        (check_key_state(key.record.expires_at, key.record.enabled, now).is_ok()
+            && self.cache.recognises(&key.secret, key_text.secret))
+        .then(|| self.allow(key, now))
     }
 
     /// Lets a verified key in, queueing its use for `last_used_at`.

@@ -11,14 +11,14 @@
 //! `--answer removals` send one part of that answer each, so the benchmark can say what each
 //! part costs Envoy.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use envoy_types::ext_authz::v3::{
     CheckResponseExt, OkHttpResponseBuilder,
     pb::{CheckRequest, CheckResponse, HeaderAppendAction},
 };
-use keygate::grpc::check_server::{AuthorizationServer, CheckAnswer, CheckHandler};
+use keygate::grpc::check_server::{AuthorizationServer, CheckAnswer, CheckFuture, CheckHandler};
 use keygate::grpc::envoy::{KEY_ID_HEADER, KEY_NAME_HEADER, USER_HEADER};
 use keygate::grpc::proto::{
     AuthorizeRequest, AuthorizeResponse,
@@ -61,8 +61,10 @@ impl AllowAll {
 }
 
 impl CheckHandler for AllowAll {
-    async fn check(&self, _: Request<CheckRequest>) -> Result<Response<CheckAnswer>, Status> {
-        Ok(Response::new(CheckAnswer::Encoded(self.encoded.clone())))
+    fn check(self: &Arc<Self>, _: Request<CheckRequest>) -> CheckFuture {
+        Box::pin(std::future::ready(Ok(Response::new(CheckAnswer::Encoded(
+            self.encoded.clone(),
+        )))))
     }
 }
 

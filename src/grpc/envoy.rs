@@ -17,7 +17,7 @@ use envoy_types::{
 use prost::{Message, bytes::Bytes};
 use tonic::{Request, Response, Status};
 
-use super::check_server::{CheckAnswer, CheckHandler};
+use super::check_server::{CheckAnswer, CheckFuture, CheckHandler};
 
 use crate::{
     authorizer::Authorizer,
@@ -162,15 +162,27 @@ impl EnvoyAuthorizationService {
 }
 
 impl CheckHandler for EnvoyAuthorizationService {
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckAnswer>, Status> {
+    fn check(self: &Arc<Self>, request: Request<CheckRequest>) -> CheckFuture {
         let request = request.into_inner();
         let client = ClientAddress::new(request.get_client_address().map(String::as_str), None);
         let header = authorization_header(&request);
-        let decision = self
+        // A cached key is decided here and now; everything else in a future that owns the
+        // request.
+        if let Some(decision) = self
             .authorizer
-            .authorize(Transport::Envoy, header, client)
-            .await?;
-        Ok(Response::new(self.answer(decision)))
+            .authorize_cached(Transport::Envoy, header, &client)
+        {
+            return Box::pin(std::future::ready(Ok(Response::new(self.answer(decision)))));
+        }
+        let this = self.clone();
+        Box::pin(async move {
+            let client = ClientAddress::new(request.get_client_address().map(String::as_str), None);
+            let decision = this
+                .authorizer
+                .authorize(Transport::Envoy, authorization_header(&request), client)
+                .await?;
+            Ok(Response::new(this.answer(decision)))
+        })
     }
 }
 
