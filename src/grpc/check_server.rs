@@ -63,7 +63,7 @@ impl<T> NamedService for AuthorizationServer<T> {
     const NAME: &'static str = "envoy.service.auth.v3.Authorization";
 }
 
-pub type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
 
 impl<T, B> Service<http::Request<B>> for AuthorizationServer<T>
 where

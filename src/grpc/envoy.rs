@@ -167,7 +167,7 @@ impl CheckHandler for EnvoyAuthorizationService {
         let client = ClientAddress::new(request.get_client_address().map(String::as_str), None);
         let header = authorization_header(&request);
         // A cached key is decided here and now; everything else in a future that owns the
-        // request.
+        // request (and reads the header and address from it again: they borrow from it).
         if let Some(decision) = self
             .authorizer
             .authorize_cached(Transport::Envoy, header, &client)
