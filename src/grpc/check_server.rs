@@ -1,8 +1,10 @@
 //! The transport for `envoy.service.auth.v3.Authorization`: what envoy-types' generated
 //! `AuthorizationServer` does (route `/Check`, decode with prost, answer `UNIMPLEMENTED`
-//! elsewhere), with one difference: the answer may be bytes encoded earlier. An allowed key's
+//! elsewhere), with two differences. The answer may be bytes encoded earlier: an allowed key's
 //! answer never changes, so `EnvoyAuthorizationService` encodes it once per key and every
 //! later allow writes those bytes instead of building and encoding the same message again.
+//! And the handler is called as soon as the request is decoded (`CheckHandler::check`), so
+//! what it answers at once needs no future that holds the request.
 //! (The benchmarks' no-op server answers through this too, so both pay the same transport.)
 
 use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc};
