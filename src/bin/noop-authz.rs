@@ -5,19 +5,25 @@
 //! keygate's Check transport sending an answer encoded once), so the difference between the two
 //! is what keygate's decision costs.
 //!
+//! It decodes each Check request in full, as envoy-types' generated server does: what a no-op
+//! written the usual way costs. keygate decodes only the two fields it reads
+//! (`keygate::grpc::check_request`); `--decode keygate` makes the no-op do the same, so the
+//! benchmark can also weigh keygate's decision alone.
+//!
 //! With `--answer keygate` it allows with the same response keygate gives a key by default
 //! (identity headers, removed headers), so Envoy does the same work for both and only the
 //! decision itself differs. `--answer identity-headers` and
 //! `--answer removals` send one part of that answer each, so the benchmark can say what each
 //! part costs Envoy.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{marker::PhantomData, net::SocketAddr, sync::Arc, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use envoy_types::ext_authz::v3::{
     CheckResponseExt, OkHttpResponseBuilder,
     pb::{CheckRequest, CheckResponse, HeaderAppendAction},
 };
+use keygate::grpc::check_request::CheckRequestView;
 use keygate::grpc::check_server::{AuthorizationServer, CheckAnswer, CheckFuture, CheckHandler};
 use keygate::grpc::envoy::{KEY_ID_HEADER, KEY_NAME_HEADER, USER_HEADER};
 use keygate::grpc::proto::{
@@ -35,6 +41,17 @@ struct Args {
     /// What an allow carries: nothing, or what keygate sends for a key.
     #[arg(long, value_enum, default_value_t = Answer::Plain)]
     answer: Answer,
+    /// What a Check request is decoded as.
+    #[arg(long, value_enum, default_value_t = Decode::Full)]
+    decode: Decode,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Decode {
+    /// envoy-types' `CheckRequest`, every field.
+    Full,
+    /// keygate's view: the `Authorization` header and the client address only.
+    Keygate,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -47,21 +64,26 @@ enum Answer {
     Removals,
 }
 
-struct AllowAll {
+/// Allows every call; Check requests are decoded as `R`.
+struct AllowAll<R> {
     /// The Check answer, encoded once (as keygate keeps an allowed key's).
     encoded: Bytes,
+    request: PhantomData<fn() -> R>,
 }
 
-impl AllowAll {
+impl<R> AllowAll<R> {
     fn new(answer: Answer) -> Self {
         Self {
             encoded: Bytes::from(allow(answer).encode_to_vec()),
+            request: PhantomData,
         }
     }
 }
 
-impl CheckHandler for AllowAll {
-    fn check(self: &Arc<Self>, _: Request<CheckRequest>) -> CheckFuture {
+impl<R: Message + Default + Send + 'static> CheckHandler for AllowAll<R> {
+    type Request = R;
+
+    fn check(self: &Arc<Self>, _: Request<R>) -> CheckFuture {
         Box::pin(std::future::ready(Ok(Response::new(CheckAnswer::Encoded(
             self.encoded.clone(),
         )))))
@@ -86,7 +108,7 @@ fn allow(answer: Answer) -> CheckResponse {
 }
 
 #[tonic::async_trait]
-impl Authorizer for AllowAll {
+impl<R: Send + 'static> Authorizer for AllowAll<R> {
     async fn authorize(
         &self,
         _: Request<AuthorizeRequest>,
@@ -101,6 +123,15 @@ impl Authorizer for AllowAll {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    match args.decode {
+        Decode::Full => serve::<CheckRequest>(&args).await,
+        Decode::Keygate => serve::<CheckRequestView>(&args).await,
+    }
+}
+
+async fn serve<R: Message + Default + Send + 'static>(
+    args: &Args,
+) -> Result<(), Box<dyn std::error::Error>> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -110,8 +141,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The same server settings as keygate's (src/startup.rs).
     Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(AuthorizationServer::new(AllowAll::new(args.answer)))
-        .add_service(AuthorizerServer::new(AllowAll::new(args.answer)))
+        .add_service(AuthorizationServer::new(AllowAll::<R>::new(args.answer)))
+        .add_service(AuthorizerServer::new(AllowAll::<R>::new(args.answer)))
         .add_service(health_service)
         .serve_with_incoming_shutdown(keygate::startup::no_delay(listener), async {
             let _ = tokio::signal::ctrl_c().await;

@@ -9,15 +9,18 @@ use std::{collections::HashMap, sync::Arc};
 
 use envoy_types::{
     ext_authz::v3::{
-        CheckRequestExt, CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
-        pb::{CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode},
+        CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
+        pb::{CheckResponse, HeaderAppendAction, HttpStatusCode},
     },
     pb::google::protobuf::{Struct, Value, value::Kind},
 };
 use prost::{Message, bytes::Bytes};
 use tonic::{Request, Response, Status};
 
-use super::check_server::{CheckAnswer, CheckFuture, CheckHandler};
+use super::{
+    check_request::CheckRequestView,
+    check_server::{CheckAnswer, CheckFuture, CheckHandler},
+};
 
 use crate::{
     authorizer::Authorizer,
@@ -162,10 +165,12 @@ impl EnvoyAuthorizationService {
 }
 
 impl CheckHandler for EnvoyAuthorizationService {
-    fn check(self: &Arc<Self>, request: Request<CheckRequest>) -> CheckFuture {
+    type Request = CheckRequestView;
+
+    fn check(self: &Arc<Self>, request: Request<CheckRequestView>) -> CheckFuture {
         let request = request.into_inner();
-        let client = ClientAddress::new(request.get_client_address().map(String::as_str), None);
-        let header = authorization_header(&request);
+        let client = ClientAddress::new(request.client_address(), None);
+        let header = request.authorization_header();
         // A cached key is decided here and now; everything else in a future that owns the
         // request (and reads the header and address from it again: they borrow from it).
         if let Some(decision) = self
@@ -176,44 +181,14 @@ impl CheckHandler for EnvoyAuthorizationService {
         }
         let this = self.clone();
         Box::pin(async move {
-            let client = ClientAddress::new(request.get_client_address().map(String::as_str), None);
+            let client = ClientAddress::new(request.client_address(), None);
             let decision = this
                 .authorizer
-                .authorize(Transport::Envoy, authorization_header(&request), client)
+                .authorize(Transport::Envoy, request.authorization_header(), client)
                 .await?;
             Ok(Response::new(this.answer(decision)))
         })
     }
-}
-
-/// The `Authorization` header from the check request: from the string map Envoy sends by
-/// default, or from the raw header map it sends with `encode_raw_headers: true`.
-fn authorization_header(request: &CheckRequest) -> Option<&[u8]> {
-    if let Some(value) = request
-        .get_client_headers()
-        .and_then(|h| h.get("authorization"))
-    {
-        return Some(value.as_bytes());
-    }
-    let http = request
-        .attributes
-        .as_ref()?
-        .request
-        .as_ref()?
-        .http
-        .as_ref()?;
-    http.header_map
-        .as_ref()?
-        .headers
-        .iter()
-        .find(|h| h.key.eq_ignore_ascii_case("authorization"))
-        .map(|h| {
-            if h.raw_value.is_empty() {
-                h.value.as_bytes()
-            } else {
-                h.raw_value.as_slice()
-            }
-        })
 }
 
 /// Key names are printable UTF-8, but a header value should be visible ASCII: other bytes

@@ -2,6 +2,7 @@
 //! No decision and no SQL lives here.
 
 pub mod authorizer;
+pub mod check_request;
 pub mod check_server;
 pub mod convert;
 pub mod envoy;
