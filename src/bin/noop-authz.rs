@@ -2,13 +2,12 @@
 //! the request. It serves the same two RPCs as keygate's main port
 //! (`envoy.service.auth.v3.Authorization/Check` and `keygate.v1.Authorizer/Authorize`) with the
 //! same stack (tokio's default multi-threaded runtime, tonic, the same HTTP/2 server settings,
-//! keygate's Check transport sending an answer encoded once), so the difference between the two
-//! is what keygate's decision costs.
+//! keygate's Check transport sending an answer encoded once).
 //!
 //! It decodes each Check request in full, as envoy-types' generated server does: what a no-op
 //! written the usual way costs. keygate decodes only the two fields it reads
-//! (`keygate::grpc::check_request`); `--decode keygate` makes the no-op do the same, so the
-//! benchmark can also weigh keygate's decision alone.
+//! (`keygate::grpc::check_request`); with `--decode keygate` the no-op does the same, and the
+//! difference between the two is then what keygate's decision costs.
 //!
 //! With `--answer keygate` it allows with the same response keygate gives a key by default
 //! (identity headers, removed headers), so Envoy does the same work for both and only the
