@@ -107,7 +107,7 @@ struct CheckMethod<T>(Arc<T>);
 
 impl<T: CheckHandler> UnaryService<T::Request> for CheckMethod<T> {
     type Response = CheckAnswer;
-    type Future = BoxFuture<tonic::Response<CheckAnswer>, Status>;
+    type Future = CheckFuture;
 
     fn call(&mut self, request: tonic::Request<T::Request>) -> Self::Future {
         self.0.check(request)
