@@ -465,11 +465,22 @@ pub fn keygate_binary() -> PathBuf {
 /// Drawn at random from below the kernel's ephemeral range, the range `bind(0)` and outgoing
 /// connections take ports from: a port given up for a restart is then not handed to another
 /// test's connection in the meantime (CI once saw a restarted replica find its port taken that
-/// way). The check listener is dropped before returning, so two callers could still draw the
-/// same port, at odds of one in thousands.
+/// way). The check listener is dropped before returning, and the child binds the port only
+/// later, so a port once handed out is never handed out again in this process: CI once saw a
+/// bare keygate find the port it was given taken, most likely by another test's draw of it.
 pub fn free_port() -> u16 {
     use rand::Rng as _;
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     const LOWEST: u16 = 10_000;
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut unused_and_free = |port: u16| {
+        !handed_out.contains(&port)
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && handed_out.insert(port)
+    };
     let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
@@ -478,13 +489,18 @@ pub fn free_port() -> u16 {
         let mut rng = rand::rng();
         for _ in 0..1_000 {
             let port = rng.random_range(LOWEST..ephemeral_start);
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            if unused_and_free(port) {
                 return port;
             }
         }
     }
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port")
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .expect("a free port");
+        if unused_and_free(port) {
+            return port;
+        }
+    }
 }
