@@ -9,6 +9,9 @@
 #   bash bench/run.sh --save       # also write bench/RESULTS.md
 #   bash bench/run.sh --only 2,4   # some scenarios only (1 Envoy, 2 gRPC, 3 cache miss,
 #                                  #   4 revocation, 5 scale)
+#   bash bench/run.sh --pgo        # the profile-guided build of every binary
+#                                  #   (scripts/pgo-build.sh, about 25 minutes more)
+#   bash bench/run.sh --bin-dir D  # the binaries in D, as built (pgo-build.sh's training)
 #
 # Needs: a release build (done here), envoy and wrk (scripts/install-test-tools.sh), Postgres
 # on 127.0.0.1:5432 as user postgres (scripts/start-postgres.sh; override with BENCH_PGHOST,
@@ -21,6 +24,8 @@ ROOT=$PWD
 QUICK=0
 SAVE=0
 BUILD=1
+PGO=0
+BIN_DIR=
 ONLY="1 2 3 4 5"
 ARGS="$*"
 while [ $# -gt 0 ]; do
@@ -28,8 +33,10 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1 ;;
     --save) SAVE=1 ;;
     --no-build) BUILD=0 ;;
+    --pgo) PGO=1 ;;
+    --bin-dir) shift; BIN_DIR=$(cd "$1" && pwd) ;;
     --only) shift; ONLY=$(echo "$1" | tr ',' ' ') ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -128,11 +135,22 @@ if awk "BEGIN { exit !($(cut -d' ' -f1 /proc/loadavg) > 0.5) }"; then
   log "NOTE: the machine is not idle; ratios are interleaved but absolute figures will be noisy"
 fi
 
-if [ "$BUILD" = 1 ]; then
-  log "cargo build --release --bins"
-  cargo build --release --bins --quiet
+if [ -n "$BIN_DIR" ]; then
+  BIN=$BIN_DIR
+elif [ "$PGO" = 1 ]; then
+  if [ "$BUILD" = 1 ]; then
+    log "bash scripts/pgo-build.sh"
+    bash scripts/pgo-build.sh
+  fi
+  BIN=$ROOT/target/pgo/release
+else
+  if [ "$BUILD" = 1 ]; then
+    log "cargo build --release --bins"
+    cargo build --release --bins --quiet
+  fi
+  BIN=$ROOT/target/release
 fi
-BIN=$ROOT/target/release
+log "binaries: $BIN"
 BENCH=$BIN/keygate-bench
 
 DB=kg_bench_$$

@@ -59,5 +59,8 @@ async fn main() -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     eprintln!("demo-upstream listening on {}", listener.local_addr()?);
     // Nagle off, as on keygate's listeners: Envoy keeps connections open and waits for replies.
-    axum::serve(keygate::startup::http_no_delay(listener), app).await
+    // Stops on SIGTERM (docker stop, bench/run.sh) with a normal exit, as keygate does.
+    axum::serve(keygate::startup::http_no_delay(listener), app)
+        .with_graceful_shutdown(keygate::startup::shutdown_signal())
+        .await
 }

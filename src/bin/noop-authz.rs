@@ -143,9 +143,13 @@ async fn serve<R: Message + Default + Send + 'static>(
         .add_service(AuthorizationServer::new(AllowAll::<R>::new(args.answer)))
         .add_service(AuthorizerServer::new(AllowAll::<R>::new(args.answer)))
         .add_service(health_service)
-        .serve_with_incoming_shutdown(keygate::startup::no_delay(listener), async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        // SIGTERM as well as Ctrl-C, as keygate: bench/run.sh stops its servers with SIGTERM,
+        // and a profile-instrumented build (scripts/pgo-build.sh) writes its profile only on a
+        // normal exit.
+        .serve_with_incoming_shutdown(
+            keygate::startup::no_delay(listener),
+            keygate::startup::shutdown_signal(),
+        )
         .await?;
     Ok(())
 }
