@@ -7,6 +7,9 @@ WORKDIR /src
 # Protos are compiled by protox (pure Rust): no protoc needed. No database at build time.
 ENV SQLX_OFFLINE=true
 COPY . .
+# A plain release build. The profile-guided one the benchmarks measure (scripts/pgo-build.sh)
+# trains on Envoy, wrk and Postgres, which a docker build does not have: build it on a machine
+# that does and copy target/pgo/release/keygate in instead, if the last microseconds matter.
 RUN cargo build --release --locked --bin keygate --bin demo-upstream
 
 FROM debian:bookworm-slim
