@@ -11,16 +11,20 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
+use secrecy::SecretString;
 
 use crate::{
-    argon_pool::Overloaded,
-    cache::{CachedKey, CredentialCache, KnownKey, Unverified},
+    argon_pool::{ArgonPool, Overloaded},
+    cache::{CachedKey, KeyCache, KnownKey},
     domain::{
         credentials::{ClientAddress, CredentialsError, parse_authorization},
         decision::{Decision, DenyReason, Principal, check_key_state},
+        digest::SecretDigest,
         key::{KeyPrefix, PresentedKey, parse_key_shape},
+        model::StoredSecret,
     },
     metrics::{Metrics, Transport},
+    passwords::{PasswordCheck, PasswordCheckError, Passwords},
     rate_limit::FailureLimiter,
     store::{DynStore, StoreError},
     usage::UsageRecorder,
@@ -48,9 +52,21 @@ impl From<Overloaded> for DecideError {
     }
 }
 
+impl From<PasswordCheckError> for DecideError {
+    fn from(error: PasswordCheckError) -> Self {
+        match error {
+            PasswordCheckError::Store(error) => Self::StoreUnavailable(error),
+            PasswordCheckError::Overloaded => Self::Overloaded,
+        }
+    }
+}
+
 pub struct Authorizer {
     store: DynStore,
-    cache: Arc<CredentialCache>,
+    cache: Arc<KeyCache>,
+    passwords: Arc<Passwords>,
+    /// For version-1 keys' argon2id hashes, until their first use replaces them.
+    argon: ArgonPool,
     limiter: FailureLimiter,
     prefix: KeyPrefix,
     /// Once the store has said the lockout flag is set, it is set forever: no need to ask again.
@@ -59,18 +75,35 @@ pub struct Authorizer {
     metrics: Arc<Metrics>,
 }
 
+/// What the authorizer is built from.
+pub struct AuthorizerParts {
+    pub store: DynStore,
+    pub cache: Arc<KeyCache>,
+    pub passwords: Arc<Passwords>,
+    pub argon: ArgonPool,
+    pub limiter: FailureLimiter,
+    pub prefix: KeyPrefix,
+    pub usage: Arc<UsageRecorder>,
+    pub metrics: Arc<Metrics>,
+}
+
 impl Authorizer {
-    pub fn new(
-        store: DynStore,
-        cache: Arc<CredentialCache>,
-        limiter: FailureLimiter,
-        prefix: KeyPrefix,
-        usage: Arc<UsageRecorder>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(parts: AuthorizerParts) -> Self {
+        let AuthorizerParts {
+            store,
+            cache,
+            passwords,
+            argon,
+            limiter,
+            prefix,
+            usage,
+            metrics,
+        } = parts;
         Self {
             store,
             cache,
+            passwords,
+            argon,
             limiter,
             prefix,
             api_keys_enabled: AtomicBool::new(false),
@@ -93,9 +126,10 @@ impl Authorizer {
         result
     }
 
-    /// `authorize` for the requests the hot path allows (a cached key presented again, once
-    /// API keys are on), without a future; `None` for every other request, which `authorize`
-    /// then decides in full (running the same checks again, so the outcome is the same).
+    /// `authorize` for the requests the hot path allows (a key held in memory presented again,
+    /// once API keys are on), without a future; `None` for every other request, which
+    /// `authorize` then decides in full (running the same checks again, so the outcome is the
+    /// same).
     pub fn authorize_cached(
         &self,
         transport: Transport,
@@ -107,8 +141,9 @@ impl Authorizer {
             return None;
         }
         let credentials = parse_authorization(header).ok()?;
-        let key_text = parse_key_shape(&self.prefix, credentials.secret()).ok()?;
-        let decision = self.cached_allow(&key_text)?;
+        let presented = credentials.secret();
+        let key_text = parse_key_shape(&self.prefix, presented).ok()?;
+        let decision = self.cached_allow(&key_text, presented)?;
         let result = Ok(decision);
         self.record(transport, &result, client, started);
         result.ok()
@@ -163,84 +198,144 @@ impl Authorizer {
                 // A bearer token carries no username/password pair.
                 return Ok(Decision::deny(DenyReason::InvalidCredentials));
             };
-            // Boxed for the same reason as the key verification: a rare path, a big future.
+            // Boxed: a rare path with a big future (moka's coalescing, the argon2 pool), which
+            // inline would make every request's future that big.
             return Box::pin(self.decide_user(username, credentials.secret(), client.ip())).await;
         }
         // Step 4: API keys only.
-        self.decide_key(credentials.secret(), client).await
+        self.decide_key(credentials.secret(), client.ip()).await
     }
 
+    /// Step 4 and the failure budget of step 5. A spent budget refuses every credential that is
+    /// not a verified key held in memory, before the store is asked; failures spend it, unknown
+    /// ids included. Expired and disabled keys are decided before the secret is compared, and
+    /// do not count as failures: whoever presents them holds (or held) a real key.
     async fn decide_key(
         &self,
         presented: &str,
-        client: &ClientAddress<'_>,
+        client: Option<IpAddr>,
     ) -> Result<Decision, DecideError> {
         let Ok(key_text) = parse_key_shape(&self.prefix, presented) else {
             return Ok(Decision::deny(DenyReason::InvalidCredentials));
         };
-        if let Some(allowed) = self.cached_allow(&key_text) {
+        if let Some(allowed) = self.cached_allow(&key_text, presented) {
             return Ok(allowed);
         }
-        // Everything else, in SPEC order. Wrong checksum: no store lookup, no argon2.
+        // Everything else, in SPEC order. Wrong checksum: no store lookup.
         if !key_text.checksum_matches() {
             return Ok(Decision::deny(DenyReason::InvalidCredentials));
         }
-        loop {
-            let generation = self.cache.generation();
-            let entry = self.key_entry(key_text.id).await?;
-            let CachedKey::Known(key) = &*entry else {
-                return Ok(Decision::deny(DenyReason::InvalidCredentials));
-            };
-            let now = Utc::now();
-            // Expired and disabled are decided before any argon2 work.
-            if let Err(reason) = check_key_state(key.record.expires_at, key.record.enabled, now) {
-                return Ok(Decision::deny(reason));
-            }
-            // The fingerprint covers the checksum too, so that the hot path above recognises
-            // only text that passed it; argon2 covers the random part (SPEC section 2).
-            let fingerprint = self.cache.fingerprint(&key.secret, key_text.secret);
-            if !self.cache.is_verified(&key.secret, &fingerprint) {
-                // Step 5: only uncached verification work is rate limited (inside `verify`).
-                // Boxed: the verification's future (moka's coalescing, the argon2 pool) is
-                // kilobytes, and inline it would make every request's future that big.
-                let verified = Box::pin(self.cache.verify(
-                    &key.secret,
-                    key_text.random(),
-                    fingerprint,
-                    Some((&self.limiter, client.ip())),
-                ))
-                .await;
-                match verified {
-                    Ok(true) => {}
-                    Ok(false) => return Ok(Decision::deny(DenyReason::InvalidCredentials)),
-                    Err(Unverified::RateLimited(retry_after)) => {
-                        return Ok(rate_limited(retry_after));
-                    }
-                    Err(Unverified::Overloaded) => return Err(DecideError::Overloaded),
+        let entry = match self.cache.key(key_text.id) {
+            Some(entry) => entry,
+            None => {
+                if let Err(wait) = self.limiter.check(client) {
+                    return Ok(rate_limited(wait));
                 }
-                // The key may have been disabled or deleted while argon2 ran; decide on its
-                // current state rather than on what it was when this request arrived.
-                if self.cache.generation() != generation {
-                    continue;
-                }
+                self.read_key(key_text.id).await?
             }
-            return Ok(self.allow(key, now));
+        };
+        let CachedKey::Known(key) = &*entry else {
+            return Ok(self.failed(client));
+        };
+        let now = Utc::now();
+        if let Err(reason) = check_key_state(key.record.expires_at, key.record.enabled, now) {
+            return Ok(Decision::deny(reason));
+        }
+        match &key.record.secret {
+            StoredSecret::Digest(digest) if digest.matches(presented) => Ok(self.allow(key, now)),
+            StoredSecret::Digest(_) => Ok(self.failed(client)),
+            StoredSecret::Argon2(hash) => {
+                // Boxed for the same reason as the users' path.
+                Box::pin(self.upgrade_version_1_key(key, hash, &key_text, presented, client)).await
+            }
         }
     }
 
-    /// The hot path: a cached key, usable now, presented with the exact 40 characters that
-    /// were verified for it before. Those passed the checksum before they were verified
-    /// (`decide_key`), and the checksum covers only the prefix, the id and those characters,
-    /// so recomputing it could not change the outcome.
-    fn cached_allow(&self, key_text: &PresentedKey<'_>) -> Option<Decision> {
+    /// A key made by version 1, presented for the first time since the upgrade: its argon2id
+    /// hash (of the 34 random characters) decides, and a match replaces the hash by the digest
+    /// for every replica, so the fleet pays this argon2 run once per key (SPEC section 6).
+    async fn upgrade_version_1_key(
+        &self,
+        key: &KnownKey,
+        hash: &str,
+        key_text: &PresentedKey<'_>,
+        presented: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Decision, DecideError> {
+        // argon2 is costly: the token is taken before it runs, and given back on a match.
+        let attempt = match self.limiter.begin(client) {
+            Ok(attempt) => attempt,
+            Err(wait) => return Ok(rate_limited(wait)),
+        };
+        let matched = self
+            .argon
+            .verify(
+                hash.to_owned(),
+                SecretString::from(key_text.random().to_owned()),
+            )
+            .await?;
+        if !matched {
+            attempt.failed();
+            return Ok(Decision::deny(DenyReason::InvalidCredentials));
+        }
+        drop(attempt);
+        let id = key.record.id;
+        match self
+            .store
+            .upgrade_key_secret(id, hash, &SecretDigest::of(presented))
+            .await
+        {
+            Ok(wrote) => {
+                if wrote {
+                    self.metrics.key_digest_upgrades.inc();
+                    tracing::info!(id, "version-1 key upgraded to a SHA-256 digest");
+                }
+                // Read again on next use, with the digest (and whatever changed meanwhile).
+                self.cache.invalidate_key(id);
+            }
+            // The key is verified all the same; the next use tries the upgrade again.
+            Err(error) => tracing::warn!(id, %error, "cannot store a version-1 key's digest"),
+        }
+        // The state may have changed while argon2 ran: decide on what it is now.
+        let now = Utc::now();
+        match self.store.get_key(id).await {
+            Ok(Some(current)) => {
+                if let Err(reason) = check_key_state(current.expires_at, current.enabled, now) {
+                    return Ok(Decision::deny(reason));
+                }
+            }
+            Ok(None) => return Ok(Decision::deny(DenyReason::InvalidCredentials)),
+            Err(error) => tracing::warn!(id, %error, "cannot re-read a version-1 key"),
+        }
+        Ok(self.allow(key, now))
+    }
+
+    /// A failure outside the hot path: charged to the client's budget, and answered
+    /// `RATE_LIMITED` once that is spent.
+    fn failed(&self, client: Option<IpAddr>) -> Decision {
+        match self.limiter.fail(client) {
+            Ok(()) => Decision::deny(DenyReason::InvalidCredentials),
+            Err(wait) => rate_limited(wait),
+        }
+    }
+
+    /// The hot path: a key held in memory, usable now, presented with the clear key its digest
+    /// was made from. The digest covers the checksum, so a match means the checksum holds too.
+    fn cached_allow(&self, key_text: &PresentedKey<'_>, presented: &str) -> Option<Decision> {
         let entry = self.cache.key(key_text.id)?;
         let CachedKey::Known(key) = &*entry else {
             return None;
         };
+        let StoredSecret::Digest(digest) = &key.record.secret else {
+            return None;
+        };
         let now = Utc::now();
         (check_key_state(key.record.expires_at, key.record.enabled, now).is_ok()
-            && self.cache.recognises(&key.secret, key_text.secret))
-        .then(|| self.allow(key, now))
+            && digest.matches(presented))
+        .then(|| {
+            self.metrics.cache_hits.inc();
+            self.allow(key, now)
+        })
     }
 
     /// Lets a verified key in, queueing its use for `last_used_at`.
@@ -260,28 +355,23 @@ impl Authorizer {
         password: &str,
         client: Option<IpAddr>,
     ) -> Result<Decision, DecideError> {
-        let verified = verify_user(
-            &self.store,
-            &self.cache,
-            username,
-            password,
-            Some((&self.limiter, client)),
-        )
-        .await?;
-        Ok(match verified {
-            UserCheck::Valid => Decision::Allow(Principal::User {
+        let checked = self
+            .passwords
+            .check(username, password, Some((&self.limiter, client)))
+            .await?;
+        Ok(match checked {
+            PasswordCheck::Valid => Decision::Allow(Principal::User {
                 username: username.to_owned(),
             }),
-            UserCheck::Invalid => Decision::deny(DenyReason::InvalidCredentials),
-            UserCheck::Refused(decision) => decision,
+            PasswordCheck::Invalid => Decision::deny(DenyReason::InvalidCredentials),
+            PasswordCheck::RateLimited(wait) => rate_limited(wait),
         })
     }
 
-    async fn key_entry(&self, id: i64) -> Result<Arc<CachedKey>, DecideError> {
-        if let Some(entry) = self.cache.key(id) {
-            return Ok(entry);
-        }
+    /// One store read, remembered (an unknown id too, briefly).
+    async fn read_key(&self, id: i64) -> Result<Arc<CachedKey>, DecideError> {
         let read_at = self.cache.generation();
+        self.metrics.cache_misses.inc();
         let record = self.store.get_key(id).await?;
         let entry = Arc::new(CachedKey::from(record));
         self.cache.insert_key(id, entry.clone(), read_at);
@@ -312,68 +402,6 @@ fn rate_limited(retry_after: std::time::Duration) -> Decision {
     }
 }
 
-/// The outcome of checking a username/password pair.
-pub enum UserCheck {
-    Valid,
-    Invalid,
-    /// The failure limiter refused to pay for argon2.
-    Refused(Decision),
-}
-
-/// Checks an operator's username and password: from the cache when this exact pair was verified
-/// before, otherwise with argon2, if `limiter` (with the client's address) allows that work.
-/// Unknown and inactive users cost a dummy argon2 run, so timing does not tell them apart.
-pub async fn verify_user(
-    store: &DynStore,
-    cache: &CredentialCache,
-    username: &str,
-    password: &str,
-    limiter: Option<(&FailureLimiter, Option<IpAddr>)>,
-) -> Result<UserCheck, DecideError> {
-    let entry = match cache.user(username) {
-        Some(entry) => entry,
-        None => {
-            let record = store.find_user(username).await?;
-            cache.insert_user(username, record)
-        }
-    };
-    let active = entry.record.as_ref().is_some_and(|user| user.active);
-    let fingerprint = cache.fingerprint(&entry.secret, password);
-    if active && cache.is_verified(&entry.secret, &fingerprint) {
-        return Ok(UserCheck::Valid);
-    }
-    let valid = if active {
-        match cache
-            .verify(&entry.secret, password, fingerprint, limiter)
-            .await
-        {
-            Ok(valid) => valid,
-            Err(Unverified::RateLimited(retry_after)) => {
-                return Ok(UserCheck::Refused(rate_limited(retry_after)));
-            }
-            Err(Unverified::Overloaded) => return Err(DecideError::Overloaded),
-        }
-    } else {
-        // Nothing to share here: every unknown name costs its own dummy run, paid for with a
-        // token like any other argon2 run.
-        let attempt = match limiter.map(|(limiter, client)| limiter.begin(client)) {
-            None => None,
-            Some(Ok(attempt)) => Some(attempt),
-            Some(Err(retry_after)) => return Ok(UserCheck::Refused(rate_limited(retry_after))),
-        };
-        cache.burn_dummy_verify(password).await?;
-        if let Some(attempt) = attempt {
-            attempt.failed();
-        }
-        false
-    };
-    Ok(if valid {
-        UserCheck::Valid
-    } else {
-        UserCheck::Invalid
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -381,8 +409,9 @@ mod tests {
     use crate::{config::ServeArgs, metrics::Transport, startup::Services, store::SqliteStore};
 
     /// Every request's future is allocated (tonic boxes the handler's) and moved; the argon2
-    /// path's future is kilobytes (moka's coalescing, the worker pool), so it is boxed and only
-    /// a miss pays for it. Above 1 KiB an allocation also leaves glibc's fast per-thread cache.
+    /// paths' futures are kilobytes (moka's coalescing, the worker pool), so they are boxed and
+    /// only those rare requests pay for them. Above 1 KiB an allocation also leaves glibc's
+    /// fast per-thread cache.
     #[tokio::test]
     async fn the_hot_path_future_stays_small() {
         let store = Arc::new(SqliteStore::connect("sqlite::memory:").await.unwrap());

@@ -12,7 +12,6 @@ use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
 use crate::{
     argon_pool::ArgonPool,
-    cache::CredentialCache,
     config::{ClientTlsArgs, HealthcheckArgs, UserArgs, UserCommand},
     domain::hashing::SecretHasher,
     grpc::{
@@ -21,6 +20,7 @@ use crate::{
     },
     metrics::Metrics,
     operators::Operators,
+    passwords::Passwords,
     store,
 };
 
@@ -49,15 +49,9 @@ pub async fn run_user_command(command: UserCommand) -> CliResult {
     let store = store::connect(&args.database.resolved_url()).await?;
     store.migrate().await?;
     let metrics = Metrics::new();
-    let argon = ArgonPool::new(
-        SecretHasher::new(args.hashing.params())?,
-        1,
-        1,
-        0,
-        metrics.clone(),
-    );
-    let cache = std::sync::Arc::new(CredentialCache::new(1, argon.clone(), metrics));
-    let operators = Operators::new(store, cache, argon);
+    let argon = ArgonPool::new(SecretHasher::new(args.hashing.params())?, 1, 1, 0, metrics);
+    let passwords = std::sync::Arc::new(Passwords::new(store.clone(), argon));
+    let operators = Operators::new(store, passwords);
     let password = read_password(&format!("Password for {}: ", args.name))?;
     if adding {
         operators.add_user(&args.name, &password).await?;

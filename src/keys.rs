@@ -1,16 +1,16 @@
-//! Key management (the use cases behind KeyAdmin): validation, key generation and hashing, the
-//! store, and keeping this process's cache in step with what it changed.
+//! Key management (the use cases behind KeyAdmin): validation, key generation and its digest,
+//! the store, and keeping this process's cache in step with what it changed.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
-    argon_pool::ArgonPool,
     authorizer::Authorizer,
-    cache::CredentialCache,
+    cache::KeyCache,
     domain::{
+        digest::SecretDigest,
         key::{KeyMaterial, KeyPrefix},
         model::{AuthMode, KeyRecord},
         validation::{
@@ -30,8 +30,6 @@ pub enum AdminError {
     NotFound(i64),
     #[error("the key store is unavailable")]
     Unavailable(#[source] StoreError),
-    #[error("keygate is overloaded; try again")]
-    Overloaded,
     #[error("internal error")]
     Internal(#[source] StoreError),
 }
@@ -65,25 +63,22 @@ pub struct KeyPage {
 
 pub struct KeyManager {
     store: DynStore,
-    cache: Arc<CredentialCache>,
+    cache: Arc<KeyCache>,
     authorizer: Arc<Authorizer>,
-    argon: ArgonPool,
     prefix: KeyPrefix,
 }
 
 impl KeyManager {
     pub fn new(
         store: DynStore,
-        cache: Arc<CredentialCache>,
+        cache: Arc<KeyCache>,
         authorizer: Arc<Authorizer>,
-        argon: ArgonPool,
         prefix: KeyPrefix,
     ) -> Self {
         Self {
             store,
             cache,
             authorizer,
-            argon,
             prefix,
         }
     }
@@ -98,25 +93,24 @@ impl KeyManager {
         let name = KeyName::parse(name)?;
         let expires_at = parse_expiry(expires_at, now)?;
         let material = KeyMaterial::generate();
-        let secret_hash = self
-            .argon
-            .hash(SecretString::from(material.expose().to_owned()))
-            .await
-            .map_err(|_| AdminError::Overloaded)?;
+        let digest_for =
+            |id| SecretDigest::of(material.clear_key(&self.prefix, id).expose_secret());
         let record = self
             .store
-            .create_key(NewKey {
-                name: name.into_inner(),
-                created_at: now.trunc_subsecs_micros(),
-                expires_at,
-                created_by: operator.to_owned(),
-                secret_hash,
-            })
+            .create_key(
+                NewKey {
+                    name: name.into_inner(),
+                    created_at: now.trunc_subsecs_micros(),
+                    expires_at,
+                    created_by: operator.to_owned(),
+                },
+                &digest_for,
+            )
             .await?;
         // An id the cache had seen as unknown (someone probing ids) is unknown no longer.
         self.cache.invalidate_key(record.id);
         self.authorizer.note_lockout();
-        let clear_key = material.into_clear_key(&self.prefix, record.id);
+        let clear_key = material.clear_key(&self.prefix, record.id);
         tracing::info!(id = record.id, name = %record.name, operator, "API key created");
         Ok(CreatedKey { record, clear_key })
     }

@@ -1,8 +1,8 @@
 //! keygate: an API-key authorization service for Envoy's ext_authz filter and gRPC clients.
 //!
 //! Layers, from the inside out: `domain` (pure logic), `store` (persistence), the use cases
-//! (`authorizer`, `keys`, `operators`) with their supporting `cache`, `rate_limit`, `usage` and
-//! `argon_pool`, then the adapters (`grpc`, `cli`) and the process (`config`, `telemetry`,
+//! (`authorizer`, `keys`, `operators`) with their supporting `cache`, `passwords`, `rate_limit`,
+//! `usage` and `argon_pool`, then the adapters (`grpc`, `cli`) and the process (`config`, `telemetry`,
 //! `startup`).
 
 pub mod argon_pool;
@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod keys;
 pub mod metrics;
 pub mod operators;
+pub mod passwords;
 pub mod rate_limit;
 pub mod startup;
 pub mod store;

@@ -62,6 +62,7 @@ pub struct Metrics {
     pub argon2_matches: Counter,
     pub argon2_mismatches: Counter,
     pub argon2_queue_depth: Gauge,
+    pub key_digest_upgrades: Counter,
     pub store_changes: Counter,
     pub store_errors: Counter,
     pub usage_flushes: Counter,
@@ -90,7 +91,7 @@ impl Metrics {
             })
         });
 
-        // 5 µs .. ~1.3 s: cache hits sit in the first buckets, argon2 runs in the last ones.
+        // 5 µs .. ~1.3 s: keys in memory sit in the first buckets, argon2 runs in the last ones.
         let decision_seconds = Histogram::new(exponential_buckets(5e-6, 2.5, 14));
         registry.register(
             "decision_duration_seconds",
@@ -101,13 +102,13 @@ impl Metrics {
         let cache = Family::<ResultLabels, Counter>::default();
         registry.register(
             "credential_cache_lookups",
-            "Verified-credential cache lookups (hit: no argon2 needed)",
+            "Key lookups (hit: a key held in memory allowed without the store; miss: a store read)",
             cache.clone(),
         );
         let argon2 = Family::<ResultLabels, Counter>::default();
         registry.register(
             "argon2_verifications",
-            "argon2id verifications run, by result",
+            "argon2id verifications run (operators' passwords, version-1 keys), by result",
             argon2.clone(),
         );
         let argon2_queue_depth = Gauge::default();
@@ -115,6 +116,12 @@ impl Metrics {
             "argon2_queue_depth",
             "argon2 jobs waiting for or holding a worker",
             argon2_queue_depth.clone(),
+        );
+        let key_digest_upgrades = Counter::default();
+        registry.register(
+            "key_digest_upgrades",
+            "Version-1 keys whose argon2id hash this process replaced by their SHA-256 digest",
+            key_digest_upgrades.clone(),
         );
         let store_changes = Counter::default();
         registry.register(
@@ -145,6 +152,7 @@ impl Metrics {
             argon2_matches: hit(&argon2, "match"),
             argon2_mismatches: hit(&argon2, "mismatch"),
             argon2_queue_depth,
+            key_digest_upgrades,
             store_changes,
             store_errors,
             usage_flushes,

@@ -6,13 +6,11 @@ use std::sync::Arc;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
-    argon_pool::ArgonPool,
-    authorizer::{DecideError, UserCheck, verify_user},
-    cache::CredentialCache,
     domain::{
         credentials::parse_authorization,
         validation::{check_password, parse_username},
     },
+    passwords::{PasswordCheck, PasswordCheckError, Passwords},
     store::{DynStore, StoreError},
 };
 
@@ -21,7 +19,7 @@ pub enum OperatorAuthError {
     #[error("{0}")]
     Unauthenticated(&'static str),
     #[error("the key store is unavailable")]
-    Unavailable(#[source] DecideError),
+    Unavailable(#[source] PasswordCheckError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,17 +38,12 @@ pub enum UserAdminError {
 
 pub struct Operators {
     store: DynStore,
-    cache: Arc<CredentialCache>,
-    argon: ArgonPool,
+    passwords: Arc<Passwords>,
 }
 
 impl Operators {
-    pub fn new(store: DynStore, cache: Arc<CredentialCache>, argon: ArgonPool) -> Self {
-        Self {
-            store,
-            cache,
-            argon,
-        }
+    pub fn new(store: DynStore, passwords: Arc<Passwords>) -> Self {
+        Self { store, passwords }
     }
 
     /// Authenticates a KeyAdmin call from its `authorization` metadata and returns the
@@ -67,20 +60,16 @@ impl Operators {
                 "KeyAdmin accepts only Basic username/password credentials, not bearer tokens",
             ));
         };
-        match verify_user(
-            &self.store,
-            &self.cache,
-            username,
-            credentials.secret(),
-            None,
-        )
-        .await
-        .map_err(OperatorAuthError::Unavailable)?
+        match self
+            .passwords
+            .check(username, credentials.secret(), None)
+            .await
+            .map_err(OperatorAuthError::Unavailable)?
         {
-            UserCheck::Valid => Ok(username.to_owned()),
-            UserCheck::Invalid | UserCheck::Refused(_) => Err(OperatorAuthError::Unauthenticated(
-                "invalid username or password",
-            )),
+            PasswordCheck::Valid => Ok(username.to_owned()),
+            PasswordCheck::Invalid | PasswordCheck::RateLimited(_) => Err(
+                OperatorAuthError::Unauthenticated("invalid username or password"),
+            ),
         }
     }
 
@@ -101,7 +90,7 @@ impl Operators {
     /// Checks a new password's length and hashes it with the configured parameters.
     async fn hash_new_password(&self, password: &SecretString) -> Result<String, UserAdminError> {
         check_password(password.expose_secret()).map_err(|e| UserAdminError::Invalid(e.0))?;
-        self.argon
+        self.passwords
             .hash(password.clone())
             .await
             .map_err(|_| UserAdminError::Overloaded)
@@ -116,7 +105,7 @@ impl Operators {
         if !self.store.set_user_password(username, &hash).await? {
             return Err(UserAdminError::NotFound(username.to_owned()));
         }
-        self.cache.invalidate_users();
+        self.passwords.invalidate_users();
         Ok(())
     }
 

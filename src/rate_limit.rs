@@ -1,7 +1,7 @@
 //! The failure rate limiter of SPEC section 3, step 5: a token bucket per client address that
-//! only failed verifications drain. It is consulted just before argon2 work, never for a
-//! credential that is already verified and cached, so good keys keep flowing from an address
-//! that a bad client shares.
+//! only failures drain. It is consulted before costly work (a store lookup, an argon2 run),
+//! never for a credential that is already verified and held in memory, so good keys keep
+//! flowing from an address that a bad client shares.
 
 use std::{
     net::IpAddr,
@@ -56,6 +56,37 @@ impl FailureLimiter {
         bucket.updated = now;
     }
 
+    /// Whether the client has budget left for work that may fail; when it has none, how long
+    /// until it has. Takes nothing: for cheap work whose failures are then charged with `fail`,
+    /// so that many concurrent first uses of a good key from one address are never refused.
+    pub fn check(&self, client: Option<IpAddr>) -> Result<(), Duration> {
+        if self.budget.is_unlimited() {
+            return Ok(());
+        }
+        let Some(bucket) = self.buckets.get(&client) else {
+            return Ok(());
+        };
+        let mut bucket = bucket
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.refill(&mut bucket, Instant::now());
+        self.wait_for_token(&bucket)
+    }
+
+    /// Charges one failure to the client; `Err` with the wait when its budget was already
+    /// spent (the failure then counts as rate limited).
+    pub fn fail(&self, client: Option<IpAddr>) -> Result<(), Duration> {
+        self.begin(client).map(Attempt::failed)
+    }
+
+    fn wait_for_token(&self, bucket: &Bucket) -> Result<(), Duration> {
+        if bucket.tokens >= 1.0 {
+            return Ok(());
+        }
+        let wait = (1.0 - bucket.tokens) / self.refill_rate();
+        Err(Duration::from_secs_f64(wait.max(0.001)))
+    }
+
     /// Starts a verification that may fail: takes one token of the client's allowance up front,
     /// or returns how long to wait when none is left. Taking it before argon2 runs (not after
     /// it failed) is what bounds the work of a client with many requests in flight: with a
@@ -80,17 +111,13 @@ impl FailureLimiter {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         self.refill(&mut bucket, Instant::now());
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(Attempt {
-                limiter: self,
-                client,
-                settled: false,
-            })
-        } else {
-            let wait = (1.0 - bucket.tokens) / self.refill_rate();
-            Err(Duration::from_secs_f64(wait.max(0.001)))
-        }
+        self.wait_for_token(&bucket)?;
+        bucket.tokens -= 1.0;
+        Ok(Attempt {
+            limiter: self,
+            client,
+            settled: false,
+        })
     }
 
     fn refund(&self, client: Option<IpAddr>) {
@@ -153,6 +180,25 @@ mod tests {
         );
         assert!(limiter.begin(ip(2)).is_ok(), "other clients are unaffected");
         assert!(limiter.begin(None).is_ok());
+    }
+
+    #[test]
+    fn checking_takes_nothing_and_failing_spends() {
+        let limiter = FailureLimiter::new(FailureBudget {
+            burst: 2,
+            per_minute: 1,
+        });
+        for _ in 0..10 {
+            assert!(limiter.check(ip(1)).is_ok(), "a check takes no token");
+        }
+        assert!(limiter.fail(ip(1)).is_ok());
+        assert!(limiter.fail(ip(1)).is_ok());
+        assert!(limiter.check(ip(1)).is_err(), "the burst is spent");
+        assert!(
+            limiter.fail(ip(1)).is_err(),
+            "a failure past the burst is limited"
+        );
+        assert!(limiter.check(ip(2)).is_ok(), "other clients are unaffected");
     }
 
     #[test]

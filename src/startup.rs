@@ -12,8 +12,8 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     argon_pool::ArgonPool,
-    authorizer::Authorizer,
-    cache::{CachedKey, CredentialCache},
+    authorizer::{Authorizer, AuthorizerParts},
+    cache::{CachedKey, KeyCache},
     config::ServeArgs,
     domain::hashing::{InvalidHashParams, SecretHasher},
     grpc::{
@@ -27,6 +27,7 @@ use crate::{
     keys::KeyManager,
     metrics::Metrics,
     operators::Operators,
+    passwords::Passwords,
     rate_limit::{FailureBudget, FailureLimiter},
     store::{self, DynStore, StoreChange, StoreError},
     usage::{FLUSH_INTERVAL, UsageRecorder},
@@ -135,7 +136,7 @@ impl ListenerTls {
 /// The use cases and shared state, built once per process.
 pub struct Services {
     pub store: DynStore,
-    pub cache: Arc<CredentialCache>,
+    pub cache: Arc<KeyCache>,
     pub authorizer: Arc<Authorizer>,
     pub keys: Arc<KeyManager>,
     pub operators: Arc<Operators>,
@@ -154,32 +155,30 @@ impl Services {
             settings.argon2_nice,
             metrics.clone(),
         );
-        let cache = Arc::new(CredentialCache::new(
-            settings.cache_capacity,
-            argon.clone(),
-            metrics.clone(),
-        ));
+        let cache = Arc::new(KeyCache::new(settings.cache_capacity));
+        let passwords = Arc::new(Passwords::new(store.clone(), argon.clone()));
         let usage = Arc::new(UsageRecorder::default());
         let limiter = FailureLimiter::new(FailureBudget {
             burst: settings.rate_limit_burst,
             per_minute: settings.rate_limit_per_minute,
         });
-        let authorizer = Arc::new(Authorizer::new(
-            store.clone(),
-            cache.clone(),
+        let authorizer = Arc::new(Authorizer::new(AuthorizerParts {
+            store: store.clone(),
+            cache: cache.clone(),
+            passwords: passwords.clone(),
+            argon,
             limiter,
-            settings.key_prefix.clone(),
-            usage.clone(),
-            metrics.clone(),
-        ));
+            prefix: settings.key_prefix.clone(),
+            usage: usage.clone(),
+            metrics: metrics.clone(),
+        }));
         let keys = Arc::new(KeyManager::new(
             store.clone(),
             cache.clone(),
             authorizer.clone(),
-            argon.clone(),
             settings.key_prefix.clone(),
         ));
-        let operators = Arc::new(Operators::new(store.clone(), cache.clone(), argon));
+        let operators = Arc::new(Operators::new(store.clone(), passwords));
         Ok(Self {
             store,
             cache,
@@ -563,7 +562,7 @@ async fn revalidate(services: &Services) -> Result<(), StoreError> {
                     cached.record.enabled == fresh.enabled
                         && cached.record.expires_at == fresh.expires_at
                         && cached.record.name == fresh.name
-                        && cached.record.secret_hash == fresh.secret_hash
+                        && cached.record.secret == fresh.secret
                 }
                 (CachedKey::Unknown { .. }, None) => true,
                 _ => false,

@@ -80,7 +80,7 @@ impl Decision {
     }
 }
 
-/// Step 4's state check, decided before any argon2 work: expired first, then disabled.
+/// Step 4's state check, decided before the secret is compared: expired first, then disabled.
 pub fn check_key_state(
     expires_at: Option<DateTime<Utc>>,
     enabled: bool,

@@ -1,8 +1,8 @@
 //! The API key format of SPEC section 2: `<prefix><id>_<secret>`, where the 40-character secret
 //! is 34 random characters followed by a 6-character CRC-32 checksum in base62.
 //!
-//! The checksum lets keygate reject a mistyped or forged key without touching the store or
-//! argon2, and makes leaked keys machine-recognisable (as GitHub's tokens are).
+//! The checksum lets keygate reject a mistyped or forged key without touching the store, and
+//! makes leaked keys machine-recognisable (as GitHub's tokens are).
 
 use std::fmt;
 
@@ -55,8 +55,8 @@ impl fmt::Display for KeyPrefix {
     }
 }
 
-/// The random part of a new key, before the store has assigned its id. This (not the checksum,
-/// which anyone can compute) is what the argon2 hash protects.
+/// The random part of a new key, before the store has assigned its id: the only part of a key
+/// that nobody can compute.
 pub struct KeyMaterial(SecretString);
 
 impl KeyMaterial {
@@ -75,7 +75,7 @@ impl KeyMaterial {
     }
 
     /// The clear key handed to the operator once: `<prefix><id>_<random><checksum>`.
-    pub fn into_clear_key(self, prefix: &KeyPrefix, id: i64) -> SecretString {
+    pub fn clear_key(&self, prefix: &KeyPrefix, id: i64) -> SecretString {
         let mut key = format!("{prefix}{id}_{}", self.expose());
         let checksum = checksum(&key);
         key.push_str(&checksum);
@@ -101,7 +101,7 @@ pub struct PresentedKey<'a> {
 }
 
 impl<'a> PresentedKey<'a> {
-    /// The 34 random characters, to be verified against the stored hash.
+    /// The 34 random characters: what a version-1 key's argon2id hash covers.
     pub fn random(&self) -> &'a str {
         &self.secret[..RANDOM_LEN]
     }
@@ -210,7 +210,7 @@ mod tests {
 
     fn new_key(id: i64) -> String {
         KeyMaterial::generate()
-            .into_clear_key(&prefix(), id)
+            .clear_key(&prefix(), id)
             .expose_secret()
             .to_owned()
     }

@@ -4,7 +4,28 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 
-/// An API key as stored, hash included. `Debug` omits the hash.
+use super::digest::SecretDigest;
+
+/// How the store knows a key's secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoredSecret {
+    /// SHA-256 of the whole clear key: every key made by this version.
+    Digest(SecretDigest),
+    /// The argon2id PHC string of the key's 34 random characters, as version 1 stored it. Kept
+    /// only until the key's first successful use, which replaces it with the digest.
+    Argon2(String),
+}
+
+impl fmt::Debug for StoredSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Digest(_) => "Digest([REDACTED])",
+            Self::Argon2(_) => "Argon2([REDACTED])",
+        })
+    }
+}
+
+/// An API key as stored, secret included. `Debug` omits the secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeyRecord {
     pub id: i64,
@@ -14,8 +35,7 @@ pub struct KeyRecord {
     pub enabled: bool,
     pub last_used_at: Option<DateTime<Utc>>,
     pub created_by: String,
-    /// argon2id PHC string of the key's random part.
-    pub secret_hash: String,
+    pub secret: StoredSecret,
 }
 
 impl fmt::Debug for KeyRecord {
@@ -28,7 +48,7 @@ impl fmt::Debug for KeyRecord {
             .field("enabled", &self.enabled)
             .field("last_used_at", &self.last_used_at)
             .field("created_by", &self.created_by)
-            .field("secret_hash", &"[REDACTED]")
+            .field("secret", &self.secret)
             .finish()
     }
 }

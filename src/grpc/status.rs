@@ -14,7 +14,6 @@ impl From<AdminError> for Status {
                 tracing::warn!(error = %source, "KeyAdmin call failed: store unavailable");
                 Status::unavailable("the key store is unavailable; try again later")
             }
-            AdminError::Overloaded => Status::unavailable(error.to_string()),
             AdminError::Internal(source) => {
                 tracing::error!(error = %source, "KeyAdmin call failed");
                 Status::internal("internal database error")
@@ -38,7 +37,9 @@ impl From<OperatorAuthError> for Status {
     fn from(error: OperatorAuthError) -> Self {
         match error {
             OperatorAuthError::Unauthenticated(message) => Status::unauthenticated(message),
-            OperatorAuthError::Unavailable(source) => Status::from(source),
+            OperatorAuthError::Unavailable(source) => {
+                Status::from(crate::authorizer::DecideError::from(source))
+            }
         }
     }
 }

@@ -9,7 +9,10 @@ use std::{fmt, sync::Arc};
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
-use crate::domain::model::{AuthMode, KeyRecord, UserRecord};
+use crate::domain::{
+    digest::SecretDigest,
+    model::{AuthMode, KeyRecord, StoredSecret, UserRecord},
+};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -48,14 +51,17 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// A key to insert. The store assigns the id.
+/// A key to insert. The store assigns the id; the digest covers the whole clear key, id
+/// included, so the store asks for it once the id is known (`Store::create_key`).
 pub struct NewKey {
     pub name: String,
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub created_by: String,
-    pub secret_hash: String,
 }
+
+/// The digest of the clear key that a new key gets with the id the store assigned.
+pub type DigestForId<'a> = &'a (dyn Fn(i64) -> SecretDigest + Send + Sync);
 
 impl fmt::Debug for NewKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -87,8 +93,13 @@ pub trait Store: Send + Sync + 'static {
     /// Succeeds when the database answers a trivial query.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Inserts the key and, in the same transaction, sets the lockout flag if it is not set.
-    async fn create_key(&self, key: NewKey) -> Result<KeyRecord, StoreError>;
+    /// Inserts the key with the digest `digest_for` gives for its id and, in the same
+    /// transaction, sets the lockout flag if it is not set.
+    async fn create_key(
+        &self,
+        key: NewKey,
+        digest_for: DigestForId<'_>,
+    ) -> Result<KeyRecord, StoreError>;
     async fn get_key(&self, id: i64) -> Result<Option<KeyRecord>, StoreError>;
     /// Several keys at once, for cache re-validation; missing ids are simply absent.
     async fn get_keys(&self, ids: &[i64]) -> Result<Vec<KeyRecord>, StoreError>;
@@ -101,6 +112,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<KeyRecord>, StoreError>;
     /// Returns whether a key was deleted.
     async fn delete_key(&self, id: i64) -> Result<bool, StoreError>;
+    /// Replaces a version-1 key's argon2id hash by its digest, if the row still holds exactly
+    /// that hash; returns whether it did. Idempotent: replicas upgrading the same key at once
+    /// all succeed, and one of them writes.
+    async fn upgrade_key_secret(
+        &self,
+        id: i64,
+        argon2_hash: &str,
+        digest: &SecretDigest,
+    ) -> Result<bool, StoreError>;
     /// Records last use; each id at most once per call, newest time wins.
     async fn record_key_usage(&self, uses: &[(i64, DateTime<Utc>)]) -> Result<(), StoreError>;
 
@@ -123,12 +143,17 @@ pub trait Store: Send + Sync + 'static {
 
 pub type DynStore = Arc<dyn Store>;
 
+/// The columns of a `KeyRow`, in its order.
+const KEY_COLUMNS: &str = "id, name, secret_digest, secret_hash, created_at, expires_at, enabled, \
+                           last_used_at, created_by";
+
 /// Row shapes shared by both backends.
 #[derive(sqlx::FromRow)]
 struct KeyRow {
     id: i64,
     name: String,
-    secret_hash: String,
+    secret_digest: Option<Vec<u8>>,
+    secret_hash: Option<String>,
     created_at: DateTime<Utc>,
     expires_at: Option<DateTime<Utc>>,
     enabled: bool,
@@ -136,9 +161,19 @@ struct KeyRow {
     created_by: String,
 }
 
-impl From<KeyRow> for KeyRecord {
-    fn from(row: KeyRow) -> Self {
-        Self {
+impl TryFrom<KeyRow> for KeyRecord {
+    type Error = StoreError;
+
+    /// Both schemas require exactly one of digest and hash, the digest 32 bytes long; a row
+    /// that breaks that was written around keygate and verifies nothing.
+    fn try_from(row: KeyRow) -> Result<Self, StoreError> {
+        let secret = match (row.secret_digest.as_deref(), row.secret_hash) {
+            (Some(bytes), None) => SecretDigest::from_slice(bytes).map(StoredSecret::Digest),
+            (None, Some(hash)) => Some(StoredSecret::Argon2(hash)),
+            _ => None,
+        }
+        .ok_or_else(|| StoreError::Internal(format!("key {} has no usable secret", row.id)))?;
+        Ok(Self {
             id: row.id,
             name: row.name,
             created_at: row.created_at,
@@ -146,9 +181,14 @@ impl From<KeyRow> for KeyRecord {
             enabled: row.enabled,
             last_used_at: row.last_used_at,
             created_by: row.created_by,
-            secret_hash: row.secret_hash,
-        }
+            secret,
+        })
     }
+}
+
+/// Rows to records, failing on the first unusable one.
+fn key_records(rows: Vec<KeyRow>) -> Result<Vec<KeyRecord>, StoreError> {
+    rows.into_iter().map(KeyRecord::try_from).collect()
 }
 
 #[derive(sqlx::FromRow)]

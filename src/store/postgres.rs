@@ -14,13 +14,16 @@ use sqlx::{
 };
 use tokio::sync::mpsc;
 
-use super::{KeyRow, NewKey, Store, StoreChange, StoreError, UserRow, redact_url};
-use crate::domain::model::{AuthMode, KeyRecord, UserRecord};
+use super::{
+    DigestForId, KEY_COLUMNS, KeyRow, NewKey, Store, StoreChange, StoreError, UserRow, redact_url,
+};
+use crate::domain::{
+    digest::SecretDigest,
+    model::{AuthMode, KeyRecord, UserRecord},
+};
 
 /// Postgres channel that the schema's triggers notify.
 const CHANGES_CHANNEL: &str = "keygate_changes";
-const KEY_COLUMNS: &str =
-    "id, name, secret_hash, created_at, expires_at, enabled, last_used_at, created_by";
 
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -133,15 +136,27 @@ impl Store for PostgresStore {
         result
     }
 
-    async fn create_key(&self, key: NewKey) -> Result<KeyRecord, StoreError> {
+    async fn create_key(
+        &self,
+        key: NewKey,
+        digest_for: DigestForId<'_>,
+    ) -> Result<KeyRecord, StoreError> {
         self.guarded(async {
             let mut tx = self.pool.begin().await?;
+            // The digest covers the id, so the id is drawn first. BIGSERIAL's sequence never
+            // hands it out again, even if this transaction rolls back.
+            let (id,): (i64,) =
+                sqlx::query_as("SELECT nextval(pg_get_serial_sequence('api_keys', 'id'))")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let digest = digest_for(id);
             let row: KeyRow = sqlx::query_as(&format!(
-                "INSERT INTO api_keys (name, secret_hash, created_at, expires_at, enabled, created_by)
-                 VALUES ($1, $2, $3, $4, TRUE, $5) RETURNING {KEY_COLUMNS}"
+                "INSERT INTO api_keys (id, name, secret_digest, created_at, expires_at, enabled, created_by)
+                 VALUES ($1, $2, $3, $4, $5, TRUE, $6) RETURNING {KEY_COLUMNS}"
             ))
+            .bind(id)
             .bind(&key.name)
-            .bind(&key.secret_hash)
+            .bind(digest.as_bytes().as_slice())
             .bind(key.created_at)
             .bind(key.expires_at)
             .bind(&key.created_by)
@@ -157,7 +172,7 @@ impl Store for PostgresStore {
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
-            Ok(row.into())
+            row.try_into()
         })
         .await
     }
@@ -169,7 +184,7 @@ impl Store for PostgresStore {
                     .bind(id)
                     .fetch_optional(&self.pool)
                     .await?;
-            Ok(row.map(Into::into))
+            row.map(KeyRecord::try_from).transpose()
         })
         .await
     }
@@ -182,7 +197,7 @@ impl Store for PostgresStore {
             .bind(ids)
             .fetch_all(&self.pool)
             .await?;
-            Ok(rows.into_iter().map(Into::into).collect())
+            super::key_records(rows)
         })
         .await
     }
@@ -196,7 +211,7 @@ impl Store for PostgresStore {
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?;
-            Ok(rows.into_iter().map(Into::into).collect())
+            super::key_records(rows)
         })
         .await
     }
@@ -214,7 +229,7 @@ impl Store for PostgresStore {
             .bind(enabled)
             .fetch_optional(&self.pool)
             .await?;
-            Ok(row.map(Into::into))
+            row.map(KeyRecord::try_from).transpose()
         })
         .await
     }
@@ -225,6 +240,27 @@ impl Store for PostgresStore {
                 .bind(id)
                 .execute(&self.pool)
                 .await?;
+            Ok(result.rows_affected() > 0)
+        })
+        .await
+    }
+
+    async fn upgrade_key_secret(
+        &self,
+        id: i64,
+        argon2_hash: &str,
+        digest: &SecretDigest,
+    ) -> Result<bool, StoreError> {
+        self.guarded(async {
+            let result = sqlx::query(
+                "UPDATE api_keys SET secret_digest = $3, secret_hash = NULL
+                 WHERE id = $1 AND secret_hash = $2",
+            )
+            .bind(id)
+            .bind(argon2_hash)
+            .bind(digest.as_bytes().as_slice())
+            .execute(&self.pool)
+            .await?;
             Ok(result.rows_affected() > 0)
         })
         .await

@@ -10,11 +10,11 @@ use sqlx::{
 };
 use tokio::sync::mpsc;
 
-use super::{KeyRow, NewKey, Store, StoreChange, StoreError, UserRow};
-use crate::domain::model::{AuthMode, KeyRecord, UserRecord};
-
-const KEY_COLUMNS: &str =
-    "id, name, secret_hash, created_at, expires_at, enabled, last_used_at, created_by";
+use super::{DigestForId, KEY_COLUMNS, KeyRow, NewKey, Store, StoreChange, StoreError, UserRow};
+use crate::domain::{
+    digest::SecretDigest,
+    model::{AuthMode, KeyRecord, UserRecord},
+};
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -82,19 +82,32 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn create_key(&self, key: NewKey) -> Result<KeyRecord, StoreError> {
+    async fn create_key(
+        &self,
+        key: NewKey,
+        digest_for: DigestForId<'_>,
+    ) -> Result<KeyRecord, StoreError> {
         // The insert comes first, so this transaction takes SQLite's write lock at its first
         // statement and concurrent creators queue instead of deadlocking on a lock upgrade.
+        // The digest covers the id that the insert assigns: the row is written with a
+        // placeholder that no clear key hashes to, and completed before anyone can read it.
         let mut tx = self.pool.begin().await?;
-        let row: KeyRow = sqlx::query_as(&format!(
-            "INSERT INTO api_keys (name, secret_hash, created_at, expires_at, enabled, created_by)
-             VALUES (?1, ?2, ?3, ?4, TRUE, ?5) RETURNING {KEY_COLUMNS}"
-        ))
+        let (id,): (i64,) = sqlx::query_as(
+            "INSERT INTO api_keys (name, secret_digest, created_at, expires_at, enabled, created_by)
+             VALUES (?1, zeroblob(32), ?2, ?3, TRUE, ?4) RETURNING id",
+        )
         .bind(&key.name)
-        .bind(&key.secret_hash)
         .bind(key.created_at)
         .bind(key.expires_at)
         .bind(&key.created_by)
+        .fetch_one(&mut *tx)
+        .await?;
+        let digest = digest_for(id);
+        let row: KeyRow = sqlx::query_as(&format!(
+            "UPDATE api_keys SET secret_digest = ?2 WHERE id = ?1 RETURNING {KEY_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(digest.as_bytes().as_slice())
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query(
@@ -104,7 +117,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(row.into())
+        row.try_into()
     }
 
     async fn get_key(&self, id: i64) -> Result<Option<KeyRecord>, StoreError> {
@@ -113,7 +126,7 @@ impl Store for SqliteStore {
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(row.map(Into::into))
+        row.map(KeyRecord::try_from).transpose()
     }
 
     async fn get_keys(&self, ids: &[i64]) -> Result<Vec<KeyRecord>, StoreError> {
@@ -128,7 +141,7 @@ impl Store for SqliteStore {
             query = query.bind(id);
         }
         let rows = query.fetch_all(&self.pool).await?;
-        Ok(rows.into_iter().map(Into::into).collect())
+        super::key_records(rows)
     }
 
     async fn list_keys(&self, after_id: i64, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
@@ -139,7 +152,7 @@ impl Store for SqliteStore {
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(Into::into).collect())
+        super::key_records(rows)
     }
 
     async fn set_key_enabled(
@@ -154,7 +167,7 @@ impl Store for SqliteStore {
         .bind(enabled)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(Into::into))
+        row.map(KeyRecord::try_from).transpose()
     }
 
     async fn delete_key(&self, id: i64) -> Result<bool, StoreError> {
@@ -162,6 +175,24 @@ impl Store for SqliteStore {
             .bind(id)
             .execute(&self.pool)
             .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn upgrade_key_secret(
+        &self,
+        id: i64,
+        argon2_hash: &str,
+        digest: &SecretDigest,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE api_keys SET secret_digest = ?3, secret_hash = NULL
+             WHERE id = ?1 AND secret_hash = ?2",
+        )
+        .bind(id)
+        .bind(argon2_hash)
+        .bind(digest.as_bytes().as_slice())
+        .execute(&self.pool)
+        .await?;
         Ok(result.rows_affected() > 0)
     }
 

@@ -21,3 +21,4 @@ mod readme;
 mod restarts;
 mod secret_leaks;
 mod tls;
+mod upgrade;

@@ -13,7 +13,12 @@ use envoy_types::pb::envoy::service::auth::v3::{
     authorization_client::AuthorizationClient,
 };
 use keygate::{
-    domain::{credentials::parse_authorization, key::KeyPrefix, key::parse_key},
+    domain::{
+        credentials::parse_authorization,
+        digest::SecretDigest,
+        key::{KeyPrefix, parse_key},
+        model::StoredSecret,
+    },
     grpc::proto::{
         AuthorizeRequest, CreateKeyRequest, GetKeyRequest, authorizer_client::AuthorizerClient,
     },
@@ -62,7 +67,11 @@ impl Transcript {
 }
 
 fn b64(text: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(text)
+    b64_bytes(text.as_bytes())
+}
+
+fn b64_bytes(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 async fn scenario(backend: TestBackend, format: &str) {
@@ -208,7 +217,15 @@ async fn scenario(backend: TestBackend, format: &str) {
     // The domain records' Debug output.
     let store = backend.store().await;
     let record = store.get_key(id).await.unwrap().unwrap();
-    assert!(record.secret_hash.starts_with("$argon2id$"));
+    let StoredSecret::Digest(digest) = &record.secret else {
+        panic!("a new key is stored as its digest: {record:?}");
+    };
+    assert_eq!(*digest, SecretDigest::of(&key));
+    let digest_hex: String = digest
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     transcript.add("KeyRecord Debug", format!("{record:?} {record:#?}"));
     let user = store.find_user(NEW_USER).await.unwrap().unwrap();
     transcript.add("UserRecord Debug", format!("{user:?} {user:#?}"));
@@ -269,7 +286,10 @@ async fn scenario(backend: TestBackend, format: &str) {
         ),
         ("Basic header with a key", b64(&format!(":{key}"))),
         ("argon2 hash", "$argon2id$".to_owned()),
-        ("key hash", record.secret_hash.clone()),
+        ("key digest (hex)", digest_hex.clone()),
+        ("key digest (HEX)", digest_hex.to_uppercase()),
+        ("key digest (base64)", b64_bytes(digest.as_bytes())),
+        ("key digest (bytes)", format!("{:?}", digest.as_bytes())),
         ("password hash", user.password_hash.clone()),
     ]);
     eprintln!(
