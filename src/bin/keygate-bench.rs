@@ -24,7 +24,7 @@ use envoy_types::pb::envoy::{
 };
 use keygate::{
     domain::{
-        hashing::{HashParams, SecretHasher},
+        digest::SecretDigest,
         key::{RANDOM_LEN, checksum},
     },
     grpc::proto::{
@@ -55,15 +55,18 @@ enum Command {
     Load(LoadArgs),
     /// Creates a key through KeyAdmin and prints the clear key (for the script's set-up).
     CreateKey(AdminArgs),
-    /// Time of the first Authorize of fresh keys (store read + argon2) versus cached ones.
-    FirstUse(FirstUseArgs),
+    /// CreateKey throughput: `count` keys, `concurrency` calls in flight.
+    CreateKeys(CreateKeysArgs),
+    /// After a restart: each key of an id range presented once by concurrent callers (first
+    /// uses, one store read each), then once more (held in memory), timed alike.
+    ColdStart(TouchArgs),
     /// Good-key latency with and without a flood of wrong secrets for real key ids.
     Flood(FloodArgs),
     /// Disable a key on replica A while replica B is under load; time until B denies it.
     Revocation(RevocationArgs),
-    /// Prints `<random> <phc>`: a random 34-character secret and its argon2id hash with the
-    /// default parameters, for bulk-inserted keys.
-    ScaleSecret,
+    /// Inserts keys 1..=count into a Postgres database (migrated first), all sharing one random
+    /// part, each with its own digest, and sets the lockout flag; prints the random part.
+    BulkKeys(BulkKeysArgs),
     /// Polls grpc.health.v1 until SERVING; prints the time since `--since-unix-ns`.
     WaitServing(WaitArgs),
     /// Authorizes each key of an id range once (to fill the cache).
@@ -166,14 +169,30 @@ struct AdminArgs {
 }
 
 #[derive(Args)]
-struct FirstUseArgs {
+struct CreateKeysArgs {
     #[command(flatten)]
     admin: AdminArgs,
+    /// Keys to create (bounded to 100,000).
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+}
+
+#[derive(Args)]
+struct BulkKeysArgs {
     #[arg(long)]
-    addr: SocketAddr,
-    /// Fresh keys to create and use (bounded to 200).
-    #[arg(long, default_value_t = 20)]
-    keys: usize,
+    database_url: String,
+    #[arg(long)]
+    count: i64,
+    /// Keys with a higher id are inserted disabled.
+    #[arg(long)]
+    enabled_up_to: Option<i64>,
+    /// The random part to share (default: a new one).
+    #[arg(long)]
+    random: Option<String>,
+    #[arg(long, default_value = "uk")]
+    prefix: String,
 }
 
 #[derive(Args)]
@@ -287,17 +306,11 @@ fn main() {
                 println!("{clear}");
                 Ok(())
             }
-            Command::FirstUse(args) => first_use(args).await,
+            Command::CreateKeys(args) => create_keys(args).await,
+            Command::ColdStart(args) => cold_start(args).await,
             Command::Flood(args) => flood(args).await,
             Command::Revocation(args) => revocation(args).await,
-            Command::ScaleSecret => {
-                let random = random_secret();
-                let phc = SecretHasher::new(HashParams::default())
-                    .map_err(|e| e.to_string())?
-                    .hash(&random);
-                println!("{random} {phc}");
-                Ok(())
-            }
+            Command::BulkKeys(args) => bulk_keys(args).await,
             Command::WaitServing(args) => wait_serving(args).await,
             Command::Touch(args) => touch(args).await,
             Command::Alternate(args) => tokio::task::spawn_blocking(move || alternate(args))
@@ -610,41 +623,170 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-async fn first_use(args: FirstUseArgs) -> BenchResult {
-    let mut admin = admin_client(&args.admin).await?;
-    let mut client = AuthorizerClient::new(connect(args.addr).await?);
-    // argon2 alone, in this process, with the parameters keygate hashes with.
-    let hasher = SecretHasher::new(HashParams::default()).map_err(|e| e.to_string())?;
-    let secret = random_secret();
-    let phc = hasher.hash(&secret);
-    let mut argon2 = Vec::new();
-    for _ in 0..5 {
-        let started = Instant::now();
-        assert!(hasher.verify(&phc, &secret));
-        argon2.push(started.elapsed().as_secs_f64() * 1e6);
+async fn create_keys(args: CreateKeysArgs) -> BenchResult {
+    let count = args.count.clamp(1, 100_000);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..args.concurrency.max(1) {
+        let mut admin = admin_client(&args.admin).await?;
+        let next = next.clone();
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= count || started.elapsed() > MAX_DURATION {
+                    return Ok::<_, String>(());
+                }
+                create_key(&mut admin, &format!("bench-create-{i}")).await?;
+            }
+        });
     }
-    let (mut first, mut cached) = (Vec::new(), Vec::new());
-    for i in 0..args.keys.clamp(1, 200) {
-        let (_, clear) = create_key(&mut admin, &format!("first-use-{i}")).await?;
-        let header = format!("Bearer {clear}");
-        let started = Instant::now();
-        let answer = authorize_once(&mut client, &header, "127.0.0.1").await?;
-        first.push(started.elapsed().as_secs_f64() * 1e6);
-        if !answer.allowed {
-            return Err(format!("a fresh key was denied: {answer:?}"));
-        }
-        for _ in 0..5 {
-            let started = Instant::now();
-            authorize_once(&mut client, &header, "127.0.0.1").await?;
-            cached.push(started.elapsed().as_secs_f64() * 1e6);
-        }
+    while let Some(joined) = tasks.join_next().await {
+        joined.map_err(|e| e.to_string())??;
     }
+    let done = next.load(Ordering::Relaxed).min(count as u64);
+    let secs = started.elapsed().as_secs_f64();
     println!(
-        "first_use first_p50_us={:.0} cached_p50_us={:.1} argon2_verify_us={:.0} keys={}",
-        median(&mut first),
-        median(&mut cached),
-        median(&mut argon2),
-        args.keys.clamp(1, 200)
+        "create_keys count={done} concurrency={} secs={secs:.2} rps={:.0}",
+        args.concurrency.max(1),
+        done as f64 / secs
+    );
+    Ok(())
+}
+
+async fn bulk_keys(args: BulkKeysArgs) -> BenchResult {
+    let store = keygate::store::connect(&args.database_url)
+        .await
+        .map_err(|e| e.to_string())?;
+    store.migrate().await.map_err(|e| e.to_string())?;
+    let pool = sqlx::PgPool::connect(&args.database_url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let random = args.random.clone().unwrap_or_else(random_secret);
+    let enabled_up_to = args.enabled_up_to.unwrap_or(i64::MAX);
+    let mut first = 1;
+    while first <= args.count {
+        let last = (first + 9_999).min(args.count);
+        let ids: Vec<i64> = (first..=last).collect();
+        let digests: Vec<Vec<u8>> = ids
+            .iter()
+            .map(|id| {
+                SecretDigest::of(&clear_key(&args.prefix, *id, &random))
+                    .as_bytes()
+                    .to_vec()
+            })
+            .collect();
+        // The replication role skips the change-feed triggers: nobody listens yet.
+        let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+        sqlx::query("SET LOCAL session_replication_role = replica")
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| e.to_string())?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, name, secret_digest, created_at, enabled, created_by)
+             SELECT id, 'bulk-' || id, digest, now(), id <= $3, 'bench'
+             FROM UNNEST($1::BIGINT[], $2::BYTEA[]) AS k(id, digest)",
+        )
+        .bind(&ids)
+        .bind(&digests)
+        .bind(enabled_up_to)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| e.to_string())?;
+        tx.commit().await.map_err(|e| e.to_string())?;
+        first = last + 1;
+    }
+    for statement in [
+        "SELECT setval(pg_get_serial_sequence('api_keys', 'id'), GREATEST((SELECT max(id) FROM api_keys), 1))",
+        "UPDATE auth_mode SET api_keys_enabled = TRUE, locked_at = now() WHERE NOT api_keys_enabled",
+        "ANALYZE api_keys",
+    ] {
+        sqlx::query(statement)
+            .execute(&pool)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    println!("{random}");
+    Ok(())
+}
+
+/// Each header once, `concurrency` calls in flight: every call's latency (ns), how long the
+/// whole pass took, and the calls that failed or were denied.
+async fn present_each_once(
+    channel: Channel,
+    headers: Arc<Vec<String>>,
+    concurrency: usize,
+) -> Result<(Vec<u64>, Duration, u64), String> {
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (headers, next) = (headers.clone(), next.clone());
+        let mut client = AuthorizerClient::new(channel.clone());
+        tasks.spawn(async move {
+            let (mut latencies, mut failed) = (Vec::new(), 0u64);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= headers.len() || started.elapsed() > MAX_DURATION {
+                    return (latencies, failed);
+                }
+                let sent = Instant::now();
+                let answer = authorize_once(&mut client, &headers[i], "127.0.0.1").await;
+                latencies.push(sent.elapsed().as_nanos() as u64);
+                if !answer.is_ok_and(|answer| answer.allowed) {
+                    failed += 1;
+                }
+            }
+        });
+    }
+    let (mut latencies, mut failed) = (Vec::new(), 0);
+    while let Some(joined) = tasks.join_next().await {
+        let (l, f) = joined.map_err(|e| e.to_string())?;
+        latencies.extend(l);
+        failed += f;
+    }
+    let elapsed = started.elapsed();
+    if latencies.len() < headers.len() {
+        return Err(format!(
+            "presented {} of {} keys within {MAX_DURATION:?}",
+            latencies.len(),
+            headers.len()
+        ));
+    }
+    latencies.sort_unstable();
+    Ok((latencies, elapsed, failed))
+}
+
+async fn cold_start(args: TouchArgs) -> BenchResult {
+    let headers = Arc::new(args.keys.headers());
+    let channel = connect(args.addr).await?;
+    let mut figures = Vec::new();
+    for pass in ["first", "warm"] {
+        let (latencies, elapsed, failed) =
+            present_each_once(channel.clone(), headers.clone(), args.concurrency).await?;
+        if failed > 0 {
+            return Err(format!("{pass} pass: {failed} keys not allowed"));
+        }
+        let rps = latencies.len() as f64 / elapsed.as_secs_f64();
+        figures.push((
+            pass,
+            rps,
+            percentile_us(&latencies, 0.50),
+            percentile_us(&latencies, 0.99),
+        ));
+    }
+    let line: Vec<String> = figures
+        .iter()
+        .map(|(pass, rps, p50, p99)| {
+            format!("{pass}_rps={rps:.0} {pass}_p50_us={p50:.0} {pass}_p99_us={p99:.0}")
+        })
+        .collect();
+    println!(
+        "cold_start keys={} concurrency={} {} ratio={:.3}",
+        headers.len(),
+        args.concurrency.max(1),
+        line.join(" "),
+        figures[0].1 / figures[1].1
     );
     Ok(())
 }
@@ -972,43 +1114,12 @@ async fn wait_serving(args: WaitArgs) -> BenchResult {
 async fn touch(args: TouchArgs) -> BenchResult {
     let headers = Arc::new(args.keys.headers());
     let channel = connect(args.addr).await?;
-    let next = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let mut tasks = JoinSet::new();
-    for _ in 0..args.concurrency.max(1) {
-        let (headers, next) = (headers.clone(), next.clone());
-        let mut client = AuthorizerClient::new(channel.clone());
-        tasks.spawn(async move {
-            let mut errors = 0u64;
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                if i >= headers.len() || started.elapsed() > MAX_DURATION {
-                    return errors;
-                }
-                if authorize_once(&mut client, &headers[i], "127.0.0.1")
-                    .await
-                    .is_err()
-                {
-                    errors += 1;
-                }
-            }
-        });
-    }
-    let mut errors = 0;
-    while let Some(joined) = tasks.join_next().await {
-        errors += joined.map_err(|e| e.to_string())?;
-    }
-    let done = next.load(Ordering::Relaxed).min(headers.len() as u64);
+    let (latencies, elapsed, _) = present_each_once(channel, headers, args.concurrency).await?;
     println!(
-        "touch keys={done} errors={errors} secs={:.1}",
-        started.elapsed().as_secs_f64()
+        "touch keys={} secs={:.1}",
+        latencies.len(),
+        elapsed.as_secs_f64()
     );
-    if errors > 0 || done < headers.len() as u64 {
-        return Err(format!(
-            "touched {done} of {} keys, {errors} errors",
-            headers.len()
-        ));
-    }
     Ok(())
 }
 
