@@ -285,26 +285,29 @@ impl Authorizer {
             .upgrade_key_secret(id, hash, &SecretDigest::of(presented))
             .await
         {
-            Ok(wrote) => {
-                if wrote {
-                    self.metrics.key_digest_upgrades.inc();
-                    tracing::info!(id, "version-1 key upgraded to a SHA-256 digest");
-                }
-                // Read again on next use, with the digest (and whatever changed meanwhile).
-                self.cache.invalidate_key(id);
+            Ok(true) => {
+                self.metrics.key_digest_upgrades.inc();
+                tracing::info!(id, "version-1 key upgraded to a SHA-256 digest");
             }
+            Ok(false) => {}
             // The key is verified all the same; the next use tries the upgrade again.
             Err(error) => tracing::warn!(id, %error, "cannot store a version-1 key's digest"),
         }
-        // The state may have changed while argon2 ran: decide on what it is now.
+        // The state may have changed while argon2 ran: decide on what it is now, from a read
+        // that is kept (with the digest, if the upgrade was written), so the next use needs none.
+        self.cache.invalidate_key(id);
         let now = Utc::now();
-        match self.store.get_key(id).await {
-            Ok(Some(current)) => {
-                if let Err(reason) = check_key_state(current.expires_at, current.enabled, now) {
+        match self.read_key(id).await.as_deref() {
+            Ok(CachedKey::Known(current)) => {
+                if let Err(reason) =
+                    check_key_state(current.record.expires_at, current.record.enabled, now)
+                {
                     return Ok(Decision::deny(reason));
                 }
             }
-            Ok(None) => return Ok(Decision::deny(DenyReason::InvalidCredentials)),
+            Ok(CachedKey::Unknown { .. }) => {
+                return Ok(Decision::deny(DenyReason::InvalidCredentials));
+            }
             Err(error) => tracing::warn!(id, %error, "cannot re-read a version-1 key"),
         }
         Ok(self.allow(key, now))
