@@ -5,7 +5,7 @@
 
 use std::{
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -49,11 +49,17 @@ impl FailureLimiter {
         f64::from(self.budget.per_minute) / 60.0
     }
 
-    fn refill(&self, bucket: &mut Bucket, now: Instant) {
+    /// The bucket, locked, with the tokens it has regained since it was last touched.
+    fn refilled<'b>(&self, bucket: &'b Mutex<Bucket>) -> MutexGuard<'b, Bucket> {
+        let mut bucket = bucket
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens =
             (bucket.tokens + elapsed * self.refill_rate()).min(f64::from(self.budget.burst));
         bucket.updated = now;
+        bucket
     }
 
     /// Whether the client has budget left for work that may fail; when it has none, how long
@@ -66,11 +72,7 @@ impl FailureLimiter {
         let Some(bucket) = self.buckets.get(&client) else {
             return Ok(());
         };
-        let mut bucket = bucket
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.refill(&mut bucket, Instant::now());
-        self.wait_for_token(&bucket)
+        self.wait_for_token(&self.refilled(&bucket))
     }
 
     /// Charges one failure to the client; `Err` with the wait when its budget was already
@@ -107,10 +109,7 @@ impl FailureLimiter {
                 updated: Instant::now(),
             }))
         });
-        let mut bucket = bucket
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.refill(&mut bucket, Instant::now());
+        let mut bucket = self.refilled(&bucket);
         self.wait_for_token(&bucket)?;
         bucket.tokens -= 1.0;
         Ok(Attempt {
@@ -122,10 +121,7 @@ impl FailureLimiter {
 
     fn refund(&self, client: Option<IpAddr>) {
         if let Some(bucket) = self.buckets.get(&client) {
-            let mut bucket = bucket
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            self.refill(&mut bucket, Instant::now());
+            let mut bucket = self.refilled(&bucket);
             bucket.tokens = (bucket.tokens + 1.0).min(f64::from(self.budget.burst));
         }
     }
