@@ -16,6 +16,7 @@ use secrecy::SecretString;
 use crate::{
     argon_pool::{ArgonPool, Overloaded},
     cache::{CachedKey, KeyCache, KnownKey},
+    key_reads::KeyReads,
     domain::{
         credentials::{ClientAddress, CredentialsError, parse_authorization},
         decision::{Decision, DenyReason, Principal, check_key_state},
@@ -64,6 +65,7 @@ impl From<PasswordCheckError> for DecideError {
 pub struct Authorizer {
     store: DynStore,
     cache: Arc<KeyCache>,
+    reads: Arc<KeyReads>,
     passwords: Arc<Passwords>,
     /// For version-1 keys' argon2id hashes, until their first use replaces them.
     argon: ArgonPool,
@@ -100,6 +102,7 @@ impl Authorizer {
             metrics,
         } = parts;
         Self {
+            reads: KeyReads::new(store.clone(), cache.clone()),
             store,
             cache,
             passwords,
@@ -371,14 +374,10 @@ impl Authorizer {
         })
     }
 
-    /// One store read, remembered (an unknown id too, briefly).
+    /// One store read (shared with concurrent misses), remembered (an unknown id too, briefly).
     async fn read_key(&self, id: i64) -> Result<Arc<CachedKey>, DecideError> {
-        let read_at = self.cache.generation();
         self.metrics.cache_misses.inc();
-        let record = self.store.get_key(id).await?;
-        let entry = Arc::new(CachedKey::from(record));
-        self.cache.insert_key(id, entry.clone(), read_at);
-        Ok(entry)
+        Ok(self.reads.read(id).await?)
     }
 
     async fn api_keys_enabled(&self) -> Result<bool, DecideError> {

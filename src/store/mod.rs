@@ -19,7 +19,7 @@ pub use sqlite::SqliteStore;
 
 /// What a caller of the store needs to tell apart. Details (SQL, driver messages) stay in the
 /// `Unavailable` text, which is logged, never sent to clients.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("the store is unavailable: {0}")]
     Unavailable(String),

@@ -130,17 +130,16 @@ impl Store for SqliteStore {
     }
 
     async fn get_keys(&self, ids: &[i64]) -> Result<Vec<KeyRecord>, StoreError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        // SQLite has no arrays; ids are integers we produced, but bind them anyway.
-        let placeholders = vec!["?"; ids.len()].join(",");
-        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id IN ({placeholders})");
-        let mut query = sqlx::query_as::<_, KeyRow>(&sql);
-        for id in ids {
-            query = query.bind(id);
-        }
-        let rows = query.fetch_all(&self.pool).await?;
+        // SQLite has no arrays: the ids go in as one JSON array, so every batch size shares
+        // one prepared statement.
+        let ids = serde_json::to_string(ids)
+            .map_err(|error| StoreError::Internal(format!("cannot encode key ids: {error}")))?;
+        let rows: Vec<KeyRow> = sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE id IN (SELECT value FROM json_each(?1))"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
         super::key_records(rows)
     }
 
