@@ -16,7 +16,6 @@ use secrecy::SecretString;
 use crate::{
     argon_pool::{ArgonPool, Overloaded},
     cache::{CachedKey, KeyCache, KnownKey},
-    key_reads::KeyReads,
     domain::{
         credentials::{ClientAddress, CredentialsError, parse_authorization},
         decision::{Decision, DenyReason, Principal, check_key_state},
@@ -24,6 +23,7 @@ use crate::{
         key::{KeyPrefix, PresentedKey, parse_key_shape},
         model::StoredSecret,
     },
+    key_reads::KeyReads,
     metrics::{Metrics, Transport},
     passwords::{PasswordCheck, PasswordCheckError, Passwords},
     rate_limit::FailureLimiter,

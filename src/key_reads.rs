@@ -83,9 +83,11 @@ impl KeyReads {
             // One unusable row fails the query: read each id alone, so it fails only its own.
             Err(StoreError::Internal(_)) if batch.len() > 1 => {
                 for (id, replies) in batch {
-                    let result = self.store.get_key(id).await.map(|record| {
-                        self.keep(id, CachedKey::from(record), read_at)
-                    });
+                    let result = self
+                        .store
+                        .get_key(id)
+                        .await
+                        .map(|record| self.keep(id, CachedKey::from(record), read_at));
                     answer(replies, &result);
                 }
                 return;
@@ -217,7 +219,10 @@ mod tests {
             }
             assert!(cache.key(id).is_some(), "id {id} is cached");
         }
-        assert!(!reads.queue().reading, "the reader stopped once nobody waited");
+        assert!(
+            !reads.queue().reading,
+            "the reader stopped once nobody waited"
+        );
         assert!(reads.queue().waiting.is_empty());
     }
 }
