@@ -51,7 +51,15 @@ pub async fn run_user_command(command: UserCommand) -> CliResult {
     let metrics = Metrics::new();
     let argon = ArgonPool::new(SecretHasher::new(args.hashing.params())?, 1, 1, 0, metrics);
     let passwords = std::sync::Arc::new(Passwords::new(store.clone(), argon));
-    let operators = Operators::new(store, passwords);
+    // Nobody signs in here: the budget is never spent.
+    let operators = Operators::new(
+        store,
+        passwords,
+        crate::rate_limit::FailureLimiter::new(crate::rate_limit::FailureBudget {
+            burst: 1,
+            per_minute: 0,
+        }),
+    );
     let password = read_password(&format!("Password for {}: ", args.name))?;
     if adding {
         operators.add_user(&args.name, &password).await?;

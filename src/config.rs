@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 
-use crate::domain::{hashing::HashParams, key::KeyPrefix};
+use crate::domain::{credentials::TrustedProxies, hashing::HashParams, key::KeyPrefix};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -130,8 +130,9 @@ impl DatabaseArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct HashingArgs {
-    /// argon2id memory cost of new hashes, in KiB (OWASP minimum: 19456).
-    #[arg(long, env = "KEYGATE_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024, value_parser = clap::value_parser!(u32).range(8..))]
+    /// argon2id memory cost of new hashes, in KiB (OWASP recommends 19456 with 2 iterations;
+    /// 7168 with 5 iterations is its smallest configuration, and the smallest accepted).
+    #[arg(long, env = "KEYGATE_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024, value_parser = clap::value_parser!(u32).range(7168..))]
     pub argon2_memory_kib: u32,
     /// argon2id iterations of new hashes.
     #[arg(long, env = "KEYGATE_ARGON2_ITERATIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
@@ -166,11 +167,40 @@ pub struct ServeArgs {
     /// keygate's own Prometheus metrics, `GET /metrics`.
     #[arg(long, env = "KEYGATE_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     pub metrics_listen: SocketAddr,
-    /// Created at start-up when the store has no user at all.
-    #[arg(long, env = "KEYGATE_ADMIN_USER", requires = "admin_password")]
+    /// Created at start-up when the store has no user at all, with the password of
+    /// KEYGATE_ADMIN_PASSWORD or --admin-password-file.
+    #[arg(long, env = "KEYGATE_ADMIN_USER")]
     pub admin_user: Option<String>,
-    #[arg(long, env = "KEYGATE_ADMIN_PASSWORD", hide_env_values = true, requires = "admin_user", value_parser = parse_secret)]
+    /// A file whose first line is --admin-user's password. (There is no flag for the password
+    /// itself: every local user can read a process's command line.)
+    #[arg(long, value_name = "FILE", value_parser = read_password_file)]
+    pub admin_password_file: Option<SecretString>,
+    /// KEYGATE_ADMIN_PASSWORD, read from the environment only.
+    #[arg(skip = password_from_env())]
     pub admin_password: Option<SecretString>,
+    /// Peers whose report of the client address (Authorize's `client_address`, Check's source
+    /// address) is believed; from any other peer, the peer itself is the client.
+    #[arg(long, env = "KEYGATE_TRUSTED_PROXIES", default_value = "127.0.0.0/8,::1", value_parser = TrustedProxies::parse)]
+    pub trusted_proxies: TrustedProxies,
+    /// Open connections each listener holds; a peer connecting beyond it is disconnected at
+    /// once.
+    #[arg(long, env = "KEYGATE_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Concurrent requests (HTTP/2 streams) per connection; a gateway opens another connection
+    /// beyond it.
+    #[arg(long, env = "KEYGATE_MAX_STREAMS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+    /// Milliseconds a new connection has to send its first complete request (TLS and HTTP/2
+    /// handshakes included) before it is closed.
+    #[arg(long, env = "KEYGATE_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout_ms: u64,
+    /// Seconds a connection may go without a request before it is closed.
+    #[arg(long, env = "KEYGATE_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_secs: u64,
+    /// Milliseconds one request may take, its body included, before it fails with
+    /// DEADLINE_EXCEEDED and its stream is released.
+    #[arg(long, env = "KEYGATE_REQUEST_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_ms: u64,
     /// Prefix of new API keys (and of the keys accepted).
     #[arg(long, env = "KEYGATE_KEY_PREFIX", default_value = "uk", value_parser = KeyPrefix::parse)]
     pub key_prefix: KeyPrefix,
@@ -238,6 +268,22 @@ impl ServeArgs {
         Only::parse_from(["keygate"]).serve
     }
 
+    /// The operator to create at start-up, if any: a user and a password, or neither.
+    pub fn bootstrap_operator(&self) -> Result<Option<(&str, &SecretString)>, String> {
+        let password = self
+            .admin_password_file
+            .as_ref()
+            .or(self.admin_password.as_ref());
+        match (self.admin_user.as_deref(), password) {
+            (Some(user), Some(password)) => Ok(Some((user, password))),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err("KEYGATE_ADMIN_USER needs KEYGATE_ADMIN_PASSWORD or \
+                                    --admin-password-file"
+                .into()),
+            (None, Some(_)) => Err("a bootstrap password needs KEYGATE_ADMIN_USER".into()),
+        }
+    }
+
     pub fn revalidate_interval(&self) -> Duration {
         Duration::from_secs(self.revalidate_secs)
     }
@@ -251,11 +297,21 @@ impl ServeArgs {
     }
 }
 
-fn parse_secret(value: &str) -> Result<SecretString, String> {
-    if value.is_empty() {
-        return Err("must not be empty".into());
+fn password_from_env() -> Option<SecretString> {
+    std::env::var("KEYGATE_ADMIN_PASSWORD")
+        .ok()
+        .filter(|password| !password.is_empty())
+        .map(SecretString::from)
+}
+
+fn read_password_file(path: &str) -> Result<SecretString, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|error| format!("cannot read {path}: {error}"))?;
+    let password = text.lines().next().unwrap_or_default();
+    if password.is_empty() {
+        return Err(format!("{path} holds no password on its first line"));
     }
-    Ok(SecretString::from(value.to_owned()))
+    Ok(SecretString::from(password.to_owned()))
 }
 
 #[cfg(test)]
@@ -269,7 +325,11 @@ mod tests {
             vec!["keygate", "--key-prefix", "a b"],
             vec!["keygate", "--log-format", "xml"],
             vec!["keygate", "--cache-capacity", "0"],
-            vec!["keygate", "--admin-user", "admin"],
+            vec!["keygate", "--admin-password", "hunter2hunter2"],
+            vec!["keygate", "--admin-password-file", "/nonexistent/password"],
+            vec!["keygate", "--argon2-memory-kib", "8"],
+            vec!["keygate", "--trusted-proxies", "10.0.0.0/8,nowhere"],
+            vec!["keygate", "--max-connections", "0"],
             vec!["keygate", "--tls-cert", "cert.pem"],
             vec!["keygate", "--tls-key", "key.pem"],
             vec!["keygate", "--admin-tls-client-ca", "ca.pem"],
@@ -309,15 +369,28 @@ mod tests {
     }
 
     #[test]
-    fn debug_output_hides_the_admin_password() {
+    fn the_bootstrap_password_comes_from_a_file_and_stays_out_of_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "hunter2hunter2\nignored\n").unwrap();
         let cli = Cli::try_parse_from([
             "keygate",
             "--admin-user",
             "admin",
-            "--admin-password",
-            "hunter2hunter2",
+            "--admin-password-file",
+            file.to_str().unwrap(),
         ])
         .unwrap();
         assert!(!format!("{cli:?}").contains("hunter2"));
+        let (user, password) = cli.serve.bootstrap_operator().unwrap().unwrap();
+        assert_eq!(user, "admin");
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(password),
+            "hunter2hunter2"
+        );
+        let alone = Cli::try_parse_from(["keygate", "--admin-user", "admin"]).unwrap();
+        if alone.serve.admin_password.is_none() {
+            assert!(alone.serve.bootstrap_operator().is_err());
+        }
     }
 }

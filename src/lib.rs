@@ -14,6 +14,7 @@ pub mod domain;
 pub mod grpc;
 pub mod key_reads;
 pub mod keys;
+pub mod listener;
 pub mod metrics;
 pub mod operators;
 pub mod passwords;

@@ -52,6 +52,53 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClosedLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+/// Why keygate closed a connection it had accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionClose {
+    /// No request started within the handshake deadline.
+    Handshake,
+    /// No request in flight for the idle timeout.
+    Idle,
+}
+
+impl ConnectionClose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Handshake => "handshake_timeout",
+            Self::Idle => "idle_timeout",
+        }
+    }
+}
+
+/// One listener's connection counts.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    pub open: Gauge,
+    pub refused: Counter,
+    closed_handshake: Counter,
+    closed_idle: Counter,
+}
+
+impl ListenerMetrics {
+    pub fn closed(&self, close: ConnectionClose) -> &Counter {
+        match close {
+            ConnectionClose::Handshake => &self.closed_handshake,
+            ConnectionClose::Idle => &self.closed_idle,
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Indexed by transport, then by outcome (allowed first, then `DenyReason::ALL`).
@@ -66,6 +113,9 @@ pub struct Metrics {
     pub store_changes: Counter,
     pub store_errors: Counter,
     pub usage_flushes: Counter,
+    connections_open: Family<ListenerLabels, Gauge>,
+    connections_refused: Family<ListenerLabels, Counter>,
+    connections_closed: Family<ClosedLabels, Counter>,
 }
 
 impl Metrics {
@@ -141,6 +191,24 @@ impl Metrics {
             "Batched last_used_at writes",
             usage_flushes.clone(),
         );
+        let connections_open = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "connections_open",
+            "Connections held, by listener",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed as soon as accepted: the listener held its maximum",
+            connections_refused.clone(),
+        );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Connections keygate closed: no request within the handshake deadline, or idle",
+            connections_closed.clone(),
+        );
         let hit = |family: &Family<ResultLabels, Counter>, result| {
             family.get_or_create(&ResultLabels { result }).clone()
         };
@@ -156,8 +224,30 @@ impl Metrics {
             store_changes,
             store_errors,
             usage_flushes,
+            connections_open,
+            connections_refused,
+            connections_closed,
             registry,
         })
+    }
+
+    /// The connection counts of the listener called `listener`.
+    pub fn listener(&self, listener: &'static str) -> ListenerMetrics {
+        let closed = |close: ConnectionClose| {
+            self.connections_closed
+                .get_or_create(&ClosedLabels {
+                    listener,
+                    reason: close.as_str(),
+                })
+                .clone()
+        };
+        let labels = ListenerLabels { listener };
+        ListenerMetrics {
+            open: self.connections_open.get_or_create(&labels).clone(),
+            refused: self.connections_refused.get_or_create(&labels).clone(),
+            closed_handshake: closed(ConnectionClose::Handshake),
+            closed_idle: closed(ConnectionClose::Idle),
+        }
     }
 
     pub fn record_decision(&self, transport: Transport, decision: &Decision, seconds: f64) {

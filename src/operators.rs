@@ -1,7 +1,7 @@
 //! Operators (users): the accounts that authenticate KeyAdmin calls, created at start-up from
 //! `KEYGATE_ADMIN_USER`/`KEYGATE_ADMIN_PASSWORD` or by `keygate user add`.
 
-use std::sync::Arc;
+use std::{net::IpAddr, sync::Arc};
 
 use secrecy::{ExposeSecret, SecretString};
 
@@ -11,6 +11,7 @@ use crate::{
         validation::{check_password, parse_username},
     },
     passwords::{PasswordCheck, PasswordCheckError, Passwords},
+    rate_limit::FailureLimiter,
     store::{DynStore, StoreError},
 };
 
@@ -18,6 +19,9 @@ use crate::{
 pub enum OperatorAuthError {
     #[error("{0}")]
     Unauthenticated(&'static str),
+    /// The caller's address spent its budget of failed sign-ins (still `UNAUTHENTICATED`).
+    #[error("too many failed sign-ins from this address: retry in {0} s")]
+    TooManyFailures(u64),
     #[error("the key store is unavailable")]
     Unavailable(#[source] PasswordCheckError),
 }
@@ -39,17 +43,28 @@ pub enum UserAdminError {
 pub struct Operators {
     store: DynStore,
     passwords: Arc<Passwords>,
+    /// Failed sign-ins per address, apart from the budget of Authorize's callers.
+    sign_ins: FailureLimiter,
 }
 
 impl Operators {
-    pub fn new(store: DynStore, passwords: Arc<Passwords>) -> Self {
-        Self { store, passwords }
+    pub fn new(store: DynStore, passwords: Arc<Passwords>, sign_ins: FailureLimiter) -> Self {
+        Self {
+            store,
+            passwords,
+            sign_ins,
+        }
     }
 
     /// Authenticates a KeyAdmin call from its `authorization` metadata and returns the
     /// operator's username. API keys never authenticate here, whatever their shape: only an
     /// active user's Basic username/password does.
-    pub async fn authenticate(&self, header: Option<&[u8]>) -> Result<String, OperatorAuthError> {
+    /// Failures spend `peer`'s sign-in budget; once it is spent, no password is checked.
+    pub async fn authenticate(
+        &self,
+        header: Option<&[u8]>,
+        peer: Option<IpAddr>,
+    ) -> Result<String, OperatorAuthError> {
         let credentials = parse_authorization(header).map_err(|_| {
             OperatorAuthError::Unauthenticated(
                 "KeyAdmin requires `authorization: Basic base64(user:password)` metadata of an active user",
@@ -62,14 +77,17 @@ impl Operators {
         };
         match self
             .passwords
-            .check(username, credentials.secret(), None)
+            .check(username, credentials.secret(), Some((&self.sign_ins, peer)))
             .await
             .map_err(OperatorAuthError::Unavailable)?
         {
             PasswordCheck::Valid => Ok(username.to_owned()),
-            PasswordCheck::Invalid | PasswordCheck::RateLimited(_) => Err(
-                OperatorAuthError::Unauthenticated("invalid username or password"),
-            ),
+            PasswordCheck::Invalid => Err(OperatorAuthError::Unauthenticated(
+                "invalid username or password",
+            )),
+            PasswordCheck::RateLimited(wait) => Err(OperatorAuthError::TooManyFailures(
+                wait.as_secs_f64().ceil() as u64,
+            )),
         }
     }
 

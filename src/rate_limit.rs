@@ -69,7 +69,7 @@ impl FailureLimiter {
         if self.budget.is_unlimited() {
             return Ok(());
         }
-        let Some(bucket) = self.buckets.get(&client) else {
+        let Some(bucket) = self.buckets.get(&budget_holder(client)) else {
             return Ok(());
         };
         self.wait_for_token(&self.refilled(&bucket))
@@ -95,6 +95,7 @@ impl FailureLimiter {
     /// check-then-record limiter, every concurrent request would pass the check before the
     /// first failure is recorded. The token comes back unless the attempt is marked `failed`.
     pub fn begin(&self, client: Option<IpAddr>) -> Result<Attempt<'_>, Duration> {
+        let client = budget_holder(client);
         if self.budget.is_unlimited() {
             return Ok(Attempt {
                 limiter: self,
@@ -124,6 +125,17 @@ impl FailureLimiter {
             let mut bucket = self.refilled(&bucket);
             bucket.tokens = (bucket.tokens + 1.0).min(f64::from(self.budget.burst));
         }
+    }
+}
+
+/// Whose budget a client address spends: its own for IPv4, its /64 for IPv6 (one host is
+/// routinely given a whole /64, so a budget per address would be no limit at all).
+fn budget_holder(client: Option<IpAddr>) -> Option<IpAddr> {
+    match client?.to_canonical() {
+        IpAddr::V6(v6) => Some(IpAddr::V6(std::net::Ipv6Addr::from_bits(
+            v6.to_bits() & !((1u128 << 64) - 1),
+        ))),
+        v4 => Some(v4),
     }
 }
 
@@ -195,6 +207,27 @@ mod tests {
             "a failure past the burst is limited"
         );
         assert!(limiter.check(ip(2)).is_ok(), "other clients are unaffected");
+    }
+
+    #[test]
+    fn an_ipv6_64_shares_one_budget() {
+        let limiter = FailureLimiter::new(FailureBudget {
+            burst: 2,
+            per_minute: 1,
+        });
+        let v6 = |text: &str| Some(text.parse::<IpAddr>().unwrap());
+        assert!(limiter.fail(v6("2001:db8:1:2::1")).is_ok());
+        assert!(limiter.fail(v6("2001:db8:1:2:ffff::9")).is_ok());
+        assert!(limiter.fail(v6("2001:db8:1:2:abcd::")).is_err());
+        assert!(limiter.check(v6("2001:db8:1:2::77")).is_err());
+        assert!(
+            limiter.check(v6("2001:db8:1:3::1")).is_ok(),
+            "the next /64 is apart"
+        );
+        // An IPv4 client seen through an IPv6 socket is the same client.
+        assert!(limiter.fail(v6("::ffff:10.0.0.1")).is_ok());
+        assert!(limiter.fail(ip(1)).is_ok());
+        assert!(limiter.check(v6("::ffff:10.0.0.1")).is_err());
     }
 
     #[test]

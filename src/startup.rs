@@ -25,6 +25,7 @@ use crate::{
         reflection::{ENVOY_AUTHORIZATION_SERVICE, add_reflection, envoy_ext_authz_descriptors},
     },
     keys::KeyManager,
+    listener::{ConnectionBounds, TrackRequestsLayer, bounded_incoming},
     metrics::Metrics,
     operators::Operators,
     passwords::Passwords,
@@ -50,6 +51,8 @@ pub enum StartupError {
     Store(#[from] StoreError),
     #[error("cannot build server reflection: {0}")]
     Reflection(String),
+    #[error("{0}")]
+    Config(String),
     #[error("server failed: {0}")]
     Serve(String),
     #[error("cannot read {path}: {source}")]
@@ -68,6 +71,10 @@ pub enum StartupError {
         message: String,
     },
 }
+
+/// Request headers an HTTP/2 peer may send at once: gRPC metadata is small, and a credential
+/// is at most 4 KiB (SPEC section 3).
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// How long a client may take to complete its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -155,18 +162,28 @@ impl Services {
             settings.argon2_nice,
             metrics.clone(),
         );
+        // Version-1 keys' first uses get workers of their own: operators' sign-ins (a guesser
+        // among them) never queue in front of a key, nor a key's upgrade in front of them.
+        let key_argon = ArgonPool::new(
+            SecretHasher::new(settings.hashing.params())?,
+            settings.argon2_workers(),
+            settings.argon2_max_queue,
+            settings.argon2_nice,
+            metrics.clone(),
+        );
         let cache = Arc::new(KeyCache::new(settings.cache_capacity));
-        let passwords = Arc::new(Passwords::new(store.clone(), argon.clone()));
+        let passwords = Arc::new(Passwords::new(store.clone(), argon));
         let usage = Arc::new(UsageRecorder::default());
-        let limiter = FailureLimiter::new(FailureBudget {
+        let budget = FailureBudget {
             burst: settings.rate_limit_burst,
             per_minute: settings.rate_limit_per_minute,
-        });
+        };
+        let limiter = FailureLimiter::new(budget);
         let authorizer = Arc::new(Authorizer::new(AuthorizerParts {
             store: store.clone(),
             cache: cache.clone(),
             passwords: passwords.clone(),
-            argon,
+            argon: key_argon,
             limiter,
             prefix: settings.key_prefix.clone(),
             usage: usage.clone(),
@@ -178,7 +195,11 @@ impl Services {
             authorizer.clone(),
             settings.key_prefix.clone(),
         ));
-        let operators = Arc::new(Operators::new(store.clone(), passwords));
+        let operators = Arc::new(Operators::new(
+            store.clone(),
+            passwords,
+            FailureLimiter::new(budget),
+        ));
         Ok(Self {
             store,
             cache,
@@ -205,6 +226,10 @@ pub struct Application {
 impl Application {
     /// Opens the store the settings name (without waiting for it to answer) and binds.
     pub async fn build(settings: ServeArgs) -> Result<Self, StartupError> {
+        // Settings are checked before the store exists: a failed start-up creates no files.
+        settings
+            .bootstrap_operator()
+            .map_err(StartupError::Config)?;
         let store = store::connect(&settings.database.resolved_url()).await?;
         Self::build_with_store(settings, store).await
     }
@@ -213,6 +238,9 @@ impl Application {
         settings: ServeArgs,
         store: DynStore,
     ) -> Result<Self, StartupError> {
+        settings
+            .bootstrap_operator()
+            .map_err(StartupError::Config)?;
         let tls = ListenerTls::load(&settings)?;
         let services = Services::build(&settings, store)?;
         let bind = |addr: SocketAddr| async move {
@@ -267,6 +295,7 @@ impl Application {
 
         let main_routes = Routes::new(AuthorizerServer::new(AuthorizerService::new(
             services.authorizer.clone(),
+            settings.trusted_proxies.clone(),
         )))
         .add_service(AuthorizationServer::new(EnvoyAuthorizationService::new(
             services.authorizer.clone(),
@@ -274,6 +303,7 @@ impl Application {
                 realm: settings.realm.clone(),
                 strip_authorization: settings.strip_authorization,
                 allow_metadata: settings.envoy_allow_metadata,
+                trusted_proxies: settings.trusted_proxies.clone(),
                 answer_capacity: usize::try_from(settings.cache_capacity)
                     .expect("the cache capacity fits in memory"),
             },
@@ -313,12 +343,22 @@ impl Application {
         ));
         background.spawn(flush_usage(services.clone(), stopping.clone()));
 
+        match crate::listener::raise_open_files_limit() {
+            Ok(limit) => tracing::info!(limit, "open files limit"),
+            Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
+        }
+        let bounds = ConnectionBounds {
+            max_connections: settings.max_connections as usize,
+            handshake_timeout: Duration::from_millis(settings.handshake_timeout_ms),
+            idle_timeout: Duration::from_secs(settings.idle_timeout_secs),
+        };
         tracing::info!(
             store = %services.store.describe(),
             main = %main_listener.local_addr().expect("bound"),
             admin = %admin_listener.local_addr().expect("bound"),
             metrics = %metrics_listener.local_addr().expect("bound"),
             tls = tls.main.is_some(),
+            ?bounds,
             admin_client_certificates = settings.admin_tls_client_ca.is_some(),
             "keygate listening"
         );
@@ -331,8 +371,13 @@ impl Application {
         };
         let grpc_server = |listener: &'static str, tls: Option<ServerTlsConfig>| {
             // (`tcp_nodelay` here would only apply to sockets the server accepted itself; ours
-            // come from `no_delay`.)
-            let builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
+            // come from `bounded_incoming`.) A peer that stops answering pings is dropped.
+            let builder = Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .max_concurrent_streams(settings.max_streams_per_connection)
+                .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+                .timeout(Duration::from_millis(settings.request_timeout_ms));
             let builder = match tls {
                 Some(config) => builder
                     .tls_config(config)
@@ -342,9 +387,15 @@ impl Application {
                     })?,
                 None => builder,
             };
-            Ok::<_, StartupError>(builder.layer(tower::util::MapResponseLayer::new(
-                crate::grpc::malformed::undecodable_is_invalid_argument,
-            )))
+            Ok::<_, StartupError>(
+                builder.layer(
+                    tower::ServiceBuilder::new()
+                        .layer(TrackRequestsLayer)
+                        .layer(tower::util::MapResponseLayer::new(
+                            crate::grpc::malformed::undecodable_is_invalid_argument,
+                        )),
+                ),
+            )
         };
         // One span per RPC. On the main port (a call per gateway request) it is debug-level:
         // disabled at the default level, it costs nothing, where an enabled span costs every
@@ -353,13 +404,19 @@ impl Application {
             grpc_server("main", tls.main)?
                 .trace_fn(|request| tracing::debug_span!("rpc", path = %request.uri().path()))
                 .add_routes(main_routes)
-                .serve_with_incoming_shutdown(no_delay(main_listener), closing()),
+                .serve_with_incoming_shutdown(
+                    bounded_incoming(main_listener, bounds, services.metrics.listener("main")),
+                    closing(),
+                ),
         );
         let admin_server = tokio::spawn(
             grpc_server("admin", tls.admin)?
                 .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
                 .add_routes(admin_routes)
-                .serve_with_incoming_shutdown(no_delay(admin_listener), closing()),
+                .serve_with_incoming_shutdown(
+                    bounded_incoming(admin_listener, bounds, services.metrics.listener("admin")),
+                    closing(),
+                ),
         );
         let metrics_server = tokio::spawn(serve_metrics(
             metrics_listener,
@@ -469,7 +526,7 @@ async fn readiness(
 
 async fn prepare_store(services: &Services, settings: &ServeArgs) -> Result<(), StartupError> {
     services.store.migrate().await?;
-    if let (Some(user), Some(password)) = (&settings.admin_user, &settings.admin_password) {
+    if let Ok(Some((user, password))) = settings.bootstrap_operator() {
         match services.operators.bootstrap(user, password).await {
             Ok(true) => tracing::info!(user, "created the bootstrap operator"),
             Ok(false) => {}

@@ -147,6 +147,46 @@ impl fmt::Debug for ClientAddress<'_> {
     }
 }
 
+/// The peers whose report of the client address is believed (SPEC section 3): a gateway in
+/// front of keygate. From any other caller, its own address is the client, so a caller cannot
+/// choose the rate-limit budget it spends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+impl TrustedProxies {
+    /// A comma-separated list of addresses and CIDR networks; empty trusts nobody.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|part| !part.is_empty())
+            .map(|part| {
+                part.parse::<ipnet::IpNet>()
+                    .or_else(|_| part.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| format!("{part:?} is not an IP address or CIDR network"))
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+
+    /// Whether what `peer` says about its client is believed. A request with no peer address
+    /// did not come over TCP (an in-process caller) and is believed.
+    pub fn believes(&self, peer: Option<std::net::IpAddr>) -> bool {
+        peer.is_none_or(|peer| {
+            let peer = peer.to_canonical();
+            self.0.iter().any(|net| net.contains(&peer))
+        })
+    }
+
+    /// The client of a request `peer` sent, reporting `reported`.
+    pub fn client<'a>(
+        &self,
+        reported: Option<&'a str>,
+        peer: Option<std::net::IpAddr>,
+    ) -> ClientAddress<'a> {
+        ClientAddress::new(reported.filter(|_| self.believes(peer)), peer)
+    }
+}
+
 /// The client address a gateway reports (`10.0.0.1`, `10.0.0.1:4242`, `[::1]:4242`, `::1`), or
 /// `None` when it is absent or unreadable: the rate limiter then files the request under "no
 /// address" rather than failing it.
@@ -302,6 +342,30 @@ mod tests {
             format!("{:?}", ClientAddress::new(Some("10.0.0.1"), None)),
             "Some(10.0.0.1)"
         );
+    }
+
+    #[test]
+    fn only_trusted_peers_choose_the_client_address() {
+        let trusted = TrustedProxies::parse("127.0.0.0/8, ::1,10.1.0.0/16").unwrap();
+        let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
+        let client = |peer: &str| trusted.client(Some("192.0.2.7"), Some(ip(peer))).ip();
+        assert_eq!(client("127.0.0.1"), Some(ip("192.0.2.7")));
+        assert_eq!(client("::1"), Some(ip("192.0.2.7")));
+        assert_eq!(client("::ffff:127.0.0.2"), Some(ip("192.0.2.7")));
+        assert_eq!(client("10.1.200.3"), Some(ip("192.0.2.7")));
+        assert_eq!(client("10.2.0.1"), Some(ip("10.2.0.1")));
+        assert_eq!(client("2001:db8::1"), Some(ip("2001:db8::1")));
+        assert_eq!(
+            trusted.client(None, Some(ip("10.2.0.1"))).ip(),
+            Some(ip("10.2.0.1"))
+        );
+        let nobody = TrustedProxies::parse("").unwrap();
+        assert_eq!(
+            nobody.client(Some("192.0.2.7"), Some(ip("127.0.0.1"))).ip(),
+            Some(ip("127.0.0.1"))
+        );
+        assert!(TrustedProxies::parse("10.0.0.0/33").is_err());
+        assert!(TrustedProxies::parse("localhost").is_err());
     }
 
     proptest! {

@@ -9,15 +9,19 @@ use super::{
     convert::authorize_response,
     proto::{AuthorizeRequest, AuthorizeResponse, authorizer_server},
 };
-use crate::{authorizer::Authorizer, domain::credentials::ClientAddress, metrics::Transport};
+use crate::{authorizer::Authorizer, domain::credentials::TrustedProxies, metrics::Transport};
 
 pub struct AuthorizerService {
     authorizer: Arc<Authorizer>,
+    trusted_proxies: TrustedProxies,
 }
 
 impl AuthorizerService {
-    pub fn new(authorizer: Arc<Authorizer>) -> Self {
-        Self { authorizer }
+    pub fn new(authorizer: Arc<Authorizer>, trusted_proxies: TrustedProxies) -> Self {
+        Self {
+            authorizer,
+            trusted_proxies,
+        }
     }
 }
 
@@ -27,10 +31,13 @@ impl authorizer_server::Authorizer for AuthorizerService {
         &self,
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<AuthorizeResponse>, Status> {
-        // Without a client address, the caller's own address keys the rate limiter.
+        // The caller's own address keys the rate limiter, unless it is a trusted proxy that
+        // reports its client's.
         let peer = request.remote_addr().map(|addr| addr.ip());
         let request = request.into_inner();
-        let client = ClientAddress::new(Some(&request.client_address), peer);
+        let client = self
+            .trusted_proxies
+            .client(Some(&request.client_address), peer);
         let header =
             (!request.authorization.is_empty()).then_some(request.authorization.as_bytes());
         let decision = self

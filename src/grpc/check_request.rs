@@ -140,6 +140,22 @@ impl CheckRequestView {
             })
     }
 
+    /// The names of the request's headers (both of the forms Envoy may send them in).
+    pub fn header_names(&self) -> impl Iterator<Item = &[u8]> {
+        let http = self
+            .attributes
+            .as_ref()
+            .and_then(|attributes| attributes.request.as_ref()?.http.as_ref());
+        let entries = http.into_iter().flat_map(|http| &http.headers);
+        let mapped = http
+            .and_then(|http| http.header_map.as_ref())
+            .into_iter()
+            .flat_map(|map| &map.headers);
+        entries
+            .map(|entry| &entry.key[..])
+            .chain(mapped.map(|header| &header.key[..]))
+    }
+
     /// The client's (the downstream peer's) socket address, as Envoy wrote it.
     pub fn client_address(&self) -> Option<&str> {
         let address = self

@@ -12,7 +12,10 @@ use envoy_types::{
         CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
         pb::{CheckResponse, HeaderAppendAction, HttpStatusCode},
     },
-    pb::google::protobuf::{Struct, Value, value::Kind},
+    pb::{
+        envoy::service::auth::v3::check_response::HttpResponse,
+        google::protobuf::{Struct, Value, value::Kind},
+    },
 };
 use prost::{Message, bytes::Bytes};
 use tonic::{Request, Response, Status};
@@ -25,7 +28,7 @@ use super::{
 use crate::{
     authorizer::Authorizer,
     domain::{
-        credentials::ClientAddress,
+        credentials::TrustedProxies,
         decision::{Decision, DenyReason, Principal},
     },
     metrics::Transport,
@@ -34,6 +37,22 @@ use crate::{
 pub const KEY_ID_HEADER: &str = "x-keygate-key-id";
 pub const KEY_NAME_HEADER: &str = "x-keygate-key-name";
 pub const USER_HEADER: &str = "x-keygate-user";
+
+/// Whether a request header is not one of keygate's identity headers but would be read as one
+/// by an upstream that treats `_` as `-` (CGI, WSGI, Rack): Envoy removes headers by exact
+/// name, so such a spelling must be named too.
+fn is_identity_lookalike(name: &[u8]) -> bool {
+    name.contains(&b'_')
+        && [KEY_ID_HEADER, KEY_NAME_HEADER, USER_HEADER]
+            .iter()
+            .any(|header| {
+                header.len() == name.len()
+                    && name.iter().zip(header.bytes()).all(|(&byte, expected)| {
+                        let byte = if byte == b'_' { b'-' } else { byte };
+                        byte.eq_ignore_ascii_case(&expected)
+                    })
+            })
+}
 
 /// How Check answers, from configuration.
 #[derive(Debug, Clone)]
@@ -46,6 +65,8 @@ pub struct CheckOptions {
     pub allow_metadata: bool,
     /// Keys whose encoded allow answer is kept (the key cache's capacity).
     pub answer_capacity: usize,
+    /// Peers whose `attributes.source.address` is believed.
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// A key's allow answer, encoded once. A key's id and name never change, and neither does the
@@ -63,6 +84,7 @@ pub struct EnvoyAuthorizationService {
     challenge: String,
     strip_authorization: bool,
     allow_metadata: bool,
+    trusted_proxies: TrustedProxies,
     /// Bounded like the key cache; S3-FIFO keeps it from being flushed by one-off keys.
     encoded_allows: quick_cache::sync::Cache<i64, Arc<EncodedAllow>>,
 }
@@ -75,14 +97,22 @@ impl EnvoyAuthorizationService {
             challenge: format!("Basic realm=\"{realm}\""),
             strip_authorization: options.strip_authorization,
             allow_metadata: options.allow_metadata,
+            trusted_proxies: options.trusted_proxies,
             encoded_allows: quick_cache::sync::Cache::new(options.answer_capacity.max(1)),
         }
     }
 
     /// The answer for a decision: an allowed key's from its encoding kept before (made now if
     /// there is none), anything else built for this request.
-    fn answer(&self, decision: Decision) -> CheckAnswer {
+    fn answer(&self, decision: Decision, lookalikes: Vec<String>) -> CheckAnswer {
         match decision {
+            Decision::Allow(principal) if !lookalikes.is_empty() => {
+                let mut response = self.allowed(&principal);
+                if let Some(HttpResponse::OkResponse(ok)) = response.http_response.as_mut() {
+                    ok.headers_to_remove.extend(lookalikes);
+                }
+                CheckAnswer::Message(Box::new(response))
+            }
             Decision::Allow(principal) => match &principal {
                 Principal::Key { id, name } => {
                     if let Some(kept) = self.encoded_allows.get(id)
@@ -168,27 +198,40 @@ impl CheckHandler for EnvoyAuthorizationService {
     type Request = CheckRequestView;
 
     fn check(self: &Arc<Self>, request: Request<CheckRequestView>) -> CheckFuture {
+        let peer = request.remote_addr().map(|addr| addr.ip());
         let request = request.into_inner();
-        let client = ClientAddress::new(request.client_address(), None);
+        let client = self.trusted_proxies.client(request.client_address(), peer);
         let header = request.authorization_header();
+        let lookalikes = lookalikes(&request);
         // A cached key is decided here and now; everything else in a future that owns the
         // request (and reads the header and address from it again: they borrow from it).
         if let Some(decision) = self
             .authorizer
             .authorize_cached(Transport::Envoy, header, &client)
         {
-            return Box::pin(std::future::ready(Ok(Response::new(self.answer(decision)))));
+            return Box::pin(std::future::ready(Ok(Response::new(
+                self.answer(decision, lookalikes),
+            ))));
         }
         let this = self.clone();
         Box::pin(async move {
-            let client = ClientAddress::new(request.client_address(), None);
+            let client = this.trusted_proxies.client(request.client_address(), peer);
             let decision = this
                 .authorizer
                 .authorize(Transport::Envoy, request.authorization_header(), client)
                 .await?;
-            Ok(Response::new(this.answer(decision)))
+            Ok(Response::new(this.answer(decision, lookalikes)))
         })
     }
+}
+
+/// The request's headers that `is_identity_lookalike`; none (and no allocation) usually.
+fn lookalikes(request: &CheckRequestView) -> Vec<String> {
+    request
+        .header_names()
+        .filter(|name| is_identity_lookalike(name))
+        .map(|name| String::from_utf8_lossy(name).into_owned())
+        .collect()
 }
 
 /// Key names are printable UTF-8, but a header value should be visible ASCII: other bytes
@@ -244,6 +287,7 @@ mod tests {
                 strip_authorization: true,
                 allow_metadata: false,
                 answer_capacity: 16,
+                trusted_proxies: TrustedProxies::parse("127.0.0.1").unwrap(),
             },
         )
     }
@@ -253,7 +297,7 @@ mod tests {
             id,
             name: name.into(),
         });
-        match service.answer(decision) {
+        match service.answer(decision, Vec::new()) {
             CheckAnswer::Encoded(bytes) => bytes,
             CheckAnswer::Message(_) => panic!("an allowed key's answer is sent encoded"),
         }
@@ -298,12 +342,45 @@ mod tests {
     #[tokio::test]
     async fn denies_and_operators_are_answered_with_a_message() {
         let service = service().await;
-        let denied = service.answer(Decision::deny(DenyReason::KeyDisabled));
+        let denied = service.answer(Decision::deny(DenyReason::KeyDisabled), Vec::new());
         assert!(matches!(denied, CheckAnswer::Message(_)));
-        let operator = service.answer(Decision::Allow(Principal::User {
-            username: "admin".into(),
-        }));
+        let operator = service.answer(
+            Decision::Allow(Principal::User {
+                username: "admin".into(),
+            }),
+            Vec::new(),
+        );
         assert!(matches!(operator, CheckAnswer::Message(_)));
+    }
+
+    #[tokio::test]
+    async fn underscore_spellings_of_identity_headers_are_removed_too() {
+        for name in ["x_keygate_user", "X_Keygate_Key_Id", "x-keygate_key-name"] {
+            assert!(is_identity_lookalike(name.as_bytes()), "{name}");
+        }
+        for name in [
+            "x-keygate-user",
+            "x_keygate_users",
+            "x_forwarded_for",
+            "authorization",
+        ] {
+            assert!(!is_identity_lookalike(name.as_bytes()), "{name}");
+        }
+        let service = service().await;
+        let allow = Decision::Allow(Principal::Key {
+            id: 1,
+            name: "k".into(),
+        });
+        let CheckAnswer::Message(response) =
+            service.answer(allow, vec!["x_keygate_user".to_owned()])
+        else {
+            panic!("an answer with extra removals is built for the request");
+        };
+        let Some(HttpResponse::OkResponse(ok)) = response.http_response else {
+            panic!("an allow");
+        };
+        assert!(ok.headers_to_remove.contains(&"x_keygate_user".to_owned()));
+        assert!(ok.headers_to_remove.contains(&USER_HEADER.to_owned()));
     }
 
     #[test]

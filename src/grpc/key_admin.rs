@@ -32,7 +32,8 @@ impl KeyAdminService {
             .metadata()
             .get("authorization")
             .map(|value| value.as_bytes());
-        Ok(self.operators.authenticate(header).await?)
+        let peer = request.remote_addr().map(|addr| addr.ip());
+        Ok(self.operators.authenticate(header, peer).await?)
     }
 }
 

@@ -37,6 +37,7 @@ impl From<OperatorAuthError> for Status {
     fn from(error: OperatorAuthError) -> Self {
         match error {
             OperatorAuthError::Unauthenticated(message) => Status::unauthenticated(message),
+            OperatorAuthError::TooManyFailures(_) => Status::unauthenticated(error.to_string()),
             OperatorAuthError::Unavailable(source) => {
                 Status::from(crate::authorizer::DecideError::from(source))
             }
