@@ -22,9 +22,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("keygate_descriptor.bin"),
         descriptors.encode_to_vec(),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure().compile_fds(authorization_as_bytes(descriptors))?;
     hot_symbols(&out_dir);
     Ok(())
+}
+
+/// The descriptors the Rust code is generated from, with `AuthorizeRequest.authorization` as
+/// `bytes`. The wire encoding of `string` and `bytes` is the same; what differs is that prost
+/// refuses a `string` that is not UTF-8 before keygate sees it, where SPEC section 3 step 2
+/// makes that header a deny (`MALFORMED_CREDENTIALS`) like any other malformed one. Reflection
+/// and every client keep the `string` of the .proto (the set written above).
+fn authorization_as_bytes(
+    mut descriptors: prost_types::FileDescriptorSet,
+) -> prost_types::FileDescriptorSet {
+    use prost_types::field_descriptor_proto::Type;
+    let field = descriptors
+        .file
+        .iter_mut()
+        .filter(|file| file.package() == "keygate.v1")
+        .flat_map(|file| file.message_type.iter_mut())
+        .filter(|message| message.name() == "AuthorizeRequest")
+        .flat_map(|message| message.field.iter_mut())
+        .find(|field| field.name() == "authorization")
+        .expect("keygate.v1.AuthorizeRequest.authorization");
+    assert_eq!(field.r#type(), Type::String, "the .proto declares a string");
+    field.set_type(Type::Bytes);
+    descriptors
 }
 
 /// Orders the functions a cached allow runs first in release binaries' `.text`, next to each

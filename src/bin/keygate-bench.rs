@@ -472,7 +472,7 @@ impl Caller {
         match self {
             Self::Check(_) => Prepared::Check(Box::new(check_request(header))),
             Self::Authorize(_) => Prepared::Authorize(AuthorizeRequest {
-                authorization: header.to_owned(),
+                authorization: header.into(),
                 client_address: "127.0.0.1".to_owned(),
             }),
         }
@@ -610,7 +610,7 @@ async fn authorize_once(
 ) -> Result<keygate::grpc::proto::AuthorizeResponse, String> {
     client
         .authorize(AuthorizeRequest {
-            authorization: header.to_owned(),
+            authorization: header.into(),
             client_address: client_address.to_owned(),
         })
         .await
@@ -805,7 +805,7 @@ async fn good_key_load(
     for _ in 0..concurrency.max(1) {
         let mut client = AuthorizerClient::new(channel.clone());
         let request = AuthorizeRequest {
-            authorization: header.clone(),
+            authorization: header.clone().into(),
             client_address: "127.0.0.1".to_owned(),
         };
         workers.spawn(async move {
@@ -854,7 +854,7 @@ async fn wrong_secret_flood(
                 n += 1;
                 match client
                     .authorize(AuthorizeRequest {
-                        authorization: header,
+                        authorization: header.into(),
                         client_address: address,
                     })
                     .await

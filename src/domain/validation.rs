@@ -37,6 +37,11 @@ impl KeyName {
                 "name must be printable (no control, line separator or bidirectional control characters)",
             ));
         }
+        if name.chars().all(|c| c.is_whitespace() || is_invisible(c)) {
+            return Err(invalid(
+                "name must contain a visible character (it is only spaces or invisible characters)",
+            ));
+        }
         Ok(Self(name.to_owned()))
     }
 
@@ -66,6 +71,30 @@ fn is_unprintable(c: char) -> bool {
                 | '\u{2066}'..='\u{2069}'
                 | '\u{FEFF}'
         )
+}
+
+/// Characters that display as nothing (Unicode's default-ignorable code points and the fillers
+/// that render blank): allowed inside a name, since emoji sequences need joiners, but a name
+/// of nothing else would look empty in every list.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{17B4}'
+            | '\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200D}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2065}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FFA0}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
 }
 
 /// A key's expiry: absent (never) or strictly in the future. Truncated to microseconds, the
@@ -226,6 +255,16 @@ mod tests {
         ] {
             assert!(KeyName::parse(unprintable).is_err(), "{unprintable:?}");
         }
+        for invisible in [
+            "\u{200B}",
+            " \u{2060} ",
+            "\u{200B}\u{200D}\u{3164}",
+            "\u{00AD}",
+        ] {
+            let error = KeyName::parse(invisible).unwrap_err();
+            assert!(error.0.contains("visible"), "{invisible:?}: {error}");
+        }
+        assert!(KeyName::parse("a\u{200B}b").is_ok());
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl authorizer_server::Authorizer for AuthorizerService {
             .trusted_proxies
             .client(Some(&request.client_address), peer);
         let header =
-            (!request.authorization.is_empty()).then_some(request.authorization.as_bytes());
+            (!request.authorization.is_empty()).then_some(request.authorization.as_slice());
         let decision = self
             .authorizer
             .authorize(Transport::Authorize, header, client)

@@ -1,60 +1,101 @@
-//! A request whose message bytes do not decode is the client's error. tonic's prost codec
-//! reports it as INTERNAL (which reads as a server bug, and would page someone); this layer
-//! turns exactly that status into INVALID_ARGUMENT, keeping the decoder's message ("failed to
-//! decode Protobuf message: …", which names the field and never echoes its contents).
+//! Requests whose message cannot be read are the client's error. tonic reports them as INTERNAL
+//! (which reads as a server bug, and would page someone); this layer turns exactly those
+//! statuses into INVALID_ARGUMENT. A decode failure keeps the decoder's message ("failed to
+//! decode Protobuf message: …", which names the field and never echoes its contents); a missing
+//! message and a compressed-flag message without `grpc-encoding` get one that says what the
+//! client must change. (gRPC's compression document asks for INTERNAL in the second case; for a
+//! service whose operators alert on INTERNAL, what the client sent decides the code.)
 
 use tonic::codegen::http::{HeaderValue, Response};
 
-/// The start of the percent-encoded `grpc-message` tonic sends for an undecodable request.
-const DECODE_FAILURE: &[u8] = b"failed%20to%20decode%20Protobuf%20message";
 const INTERNAL: &[u8] = b"13";
 const INVALID_ARGUMENT: &str = "3";
 
-/// For `tower::util::MapResponseLayer`: rewrites the (trailers-only) response of a request that
-/// failed to decode. Every other response passes untouched.
-pub fn undecodable_is_invalid_argument<B>(mut response: Response<B>) -> Response<B> {
+/// The starts of the percent-encoded `grpc-message`s tonic sends for requests it cannot read,
+/// each with the message keygate answers instead (`None`: keep tonic's).
+const UNREADABLE: [(&[u8], Option<&str>); 3] = [
+    (b"failed%20to%20decode%20Protobuf%20message", None),
+    (
+        b"Missing%20request%20message",
+        Some("the request carries no message; a unary call sends exactly one"),
+    ),
+    (
+        b"protocol%20error:%20received%20message%20with%20compressed-flag",
+        Some("the message is flagged compressed but the request names no grpc-encoding"),
+    ),
+];
+
+/// For `tower::util::MapResponseLayer`: rewrites the (trailers-only) response of a request
+/// whose message could not be read. Every other response passes untouched.
+pub fn unreadable_is_invalid_argument<B>(mut response: Response<B>) -> Response<B> {
     let headers = response.headers_mut();
-    let undecodable = headers
+    if headers
         .get("grpc-status")
-        .is_some_and(|status| status.as_bytes() == INTERNAL)
-        && headers
-            .get("grpc-message")
-            .is_some_and(|message| message.as_bytes().starts_with(DECODE_FAILURE));
-    if undecodable {
-        headers.insert("grpc-status", HeaderValue::from_static(INVALID_ARGUMENT));
+        .is_none_or(|status| status.as_bytes() != INTERNAL)
+    {
+        return response;
     }
+    let Some(message) = headers.get("grpc-message") else {
+        return response;
+    };
+    let Some((_, replacement)) = UNREADABLE
+        .iter()
+        .find(|(start, _)| message.as_bytes().starts_with(start))
+    else {
+        return response;
+    };
+    if let Some(replacement) = replacement {
+        let encoded = percent_encode_spaces(replacement);
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_str(&encoded).expect("an ASCII message"),
+        );
+    }
+    headers.insert("grpc-status", HeaderValue::from_static(INVALID_ARGUMENT));
     response
+}
+
+/// The replacements are plain ASCII; only their spaces need encoding in `grpc-message`.
+fn percent_encode_spaces(message: &str) -> String {
+    message.replace(' ', "%20")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn status_of(status: tonic::Status) -> Option<String> {
-        let response = undecodable_is_invalid_argument(status.into_http::<()>());
-        response
-            .headers()
-            .get("grpc-status")
-            .map(|value| value.to_str().unwrap().to_owned())
+    fn answered(status: tonic::Status) -> tonic::Status {
+        let response = unreadable_is_invalid_argument(status.into_http::<()>());
+        tonic::Status::from_header_map(response.headers()).expect("a status")
     }
 
     #[test]
-    fn only_decode_failures_change_code() {
+    fn only_unreadable_requests_change_code() {
+        let decode = answered(tonic::Status::internal(
+            "failed to decode Protobuf message: invalid varint",
+        ));
+        assert_eq!(decode.code(), tonic::Code::InvalidArgument);
         assert_eq!(
-            status_of(tonic::Status::internal(
-                "failed to decode Protobuf message: invalid varint"
-            )),
-            Some("3".into())
+            decode.message(),
+            "failed to decode Protobuf message: invalid varint"
         );
-        assert_eq!(
-            status_of(tonic::Status::internal("internal database error")),
-            Some("13".into())
+        let missing = answered(tonic::Status::internal("Missing request message."));
+        assert_eq!(missing.code(), tonic::Code::InvalidArgument);
+        assert!(missing.message().contains("no message"), "{missing:?}");
+        let compressed = answered(tonic::Status::internal(
+            "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+        ));
+        assert_eq!(compressed.code(), tonic::Code::InvalidArgument);
+        assert!(
+            compressed.message().contains("grpc-encoding"),
+            "{compressed:?}"
         );
-        assert_eq!(
-            status_of(tonic::Status::unavailable(
-                "failed to decode Protobuf message"
-            )),
-            Some("14".into())
-        );
+
+        let database = answered(tonic::Status::internal("internal database error"));
+        assert_eq!(database.code(), tonic::Code::Internal);
+        let unavailable = answered(tonic::Status::unavailable(
+            "failed to decode Protobuf message",
+        ));
+        assert_eq!(unavailable.code(), tonic::Code::Unavailable);
     }
 }

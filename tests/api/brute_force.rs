@@ -59,7 +59,7 @@ async fn a_secret_spray_is_throttled_and_good_keys_keep_working(backend: TestBac
                     let response = app_authorizer
                         .clone()
                         .authorize(keygate::grpc::proto::AuthorizeRequest {
-                            authorization: bearer(&forged(id, n)),
+                            authorization: bearer(&forged(id, n)).into(),
                             client_address: ATTACKER.into(),
                         })
                         .await
@@ -75,7 +75,7 @@ async fn a_secret_spray_is_throttled_and_good_keys_keep_working(backend: TestBac
                     let response = app_authorizer
                         .clone()
                         .authorize(keygate::grpc::proto::AuthorizeRequest {
-                            authorization: bearer(&good),
+                            authorization: bearer(&good).into(),
                             client_address: ATTACKER.into(),
                         })
                         .await
@@ -147,7 +147,7 @@ async fn a_fresh_key_used_concurrently_by_one_client_is_never_rate_limited(backe
             tokio::spawn(async move {
                 authorizer
                     .authorize(keygate::grpc::proto::AuthorizeRequest {
-                        authorization: header,
+                        authorization: header.into(),
                         client_address: ATTACKER.into(),
                     })
                     .await

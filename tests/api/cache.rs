@@ -347,7 +347,7 @@ async fn authorize_on(
 ) -> AuthorizeResponse {
     client
         .authorize(AuthorizeRequest {
-            authorization: header,
+            authorization: header.into(),
             client_address: client_address.to_owned(),
         })
         .await

@@ -344,7 +344,7 @@ async fn bad_settings_fail_at_start_up_naming_the_setting() {
     let dir = temp_dir();
     /// Arguments, environment, and what the error message must say.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
-    let cases: [Case; 9] = [
+    let cases: [Case; 11] = [
         (&["--listen", "nowhere"], &[], &["--listen", "nowhere"]),
         (
             &[],
@@ -365,6 +365,13 @@ async fn bad_settings_fail_at_start_up_naming_the_setting() {
         ),
         (&["--admin-user", "admin"], &[], &["--admin-password"]),
         (&["--argon2-memory-kib", "1"], &[], &["--argon2-memory-kib"]),
+        (&["--argon2-memory-kib", "8"], &[], &["--argon2-memory-kib"]),
+        // A password on the command line is readable by every local user (/proc/<pid>/cmdline).
+        (
+            &["--admin-password", "hunter22"],
+            &[],
+            &["--admin-password"],
+        ),
         (
             &["--database-url", "mysql://db/keygate"],
             &[],

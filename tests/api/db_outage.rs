@@ -53,7 +53,7 @@ fn keep_authorizing(
             let outcome = client
                 .clone()
                 .authorize(keygate::grpc::proto::AuthorizeRequest {
-                    authorization: bearer(&key),
+                    authorization: bearer(&key).into(),
                     client_address: "192.0.2.1".into(),
                 })
                 .await;

@@ -366,7 +366,7 @@ impl TestApp {
         self.authorizer
             .clone()
             .authorize(AuthorizeRequest {
-                authorization: header.to_owned(),
+                authorization: header.into(),
                 client_address: client_address.to_owned(),
             })
             .await

@@ -11,10 +11,13 @@ use envoy_types::pb::envoy::{
     },
 };
 use keygate::grpc::proto::{
-    CreateKeyRequest, DeleteKeyRequest, DenyReason, GetAuthModeRequest, GetKeyRequest,
-    ListKeysRequest, SetKeyEnabledRequest,
+    AuthorizeResponse, CreateKeyRequest, DeleteKeyRequest, DenyReason, GetAuthModeRequest,
+    GetKeyRequest, ListKeysRequest, SetKeyEnabledRequest,
 };
-use prost::bytes::{Buf, BufMut};
+use prost::{
+    Message,
+    bytes::{Buf, BufMut},
+};
 use prost_types::Timestamp;
 use tonic::{
     Code, Request, Status,
@@ -88,6 +91,9 @@ async fn oversized_and_malformed_messages_are_refused_with_a_reason(backend: Tes
         "a\u{0}b",
         "line\nbreak",
         &"é".repeat(129),
+        // Only invisible characters: zero-width space, word joiner.
+        "\u{200B}",
+        "\u{2060}\u{200B}",
     ];
     for name in names {
         let status = admin
@@ -322,6 +328,13 @@ async fn oversized_and_malformed_messages_are_refused_with_a_reason(backend: Tes
                 // GetAuthModeRequest has no field: a well-formed field it does not know is
                 // skipped, as protobuf requires.
                 Ok(_) if method.ends_with("/GetAuthMode") && bytes[..2] == [0x0a, 0x02] => {}
+                // An Authorization header that is not UTF-8 is a malformed credential, denied
+                // like any other (SPEC section 3, step 2).
+                Ok(answer) if method.ends_with("/Authorize") && bytes[..2] == [0x0a, 0x02] => {
+                    let response = AuthorizeResponse::decode(answer.as_slice()).unwrap();
+                    assert!(!response.allowed);
+                    assert_eq!(response.reason(), DenyReason::MalformedCredentials);
+                }
                 Ok(answer) => panic!("{method} accepted {bytes:?}: {answer:?}"),
             }
         }

@@ -154,7 +154,7 @@ fn hammer(
                     let response = client
                         .clone()
                         .authorize(AuthorizeRequest {
-                            authorization: header.clone(),
+                            authorization: header.clone().into(),
                             client_address: "203.0.113.9".into(),
                         })
                         .await

@@ -91,7 +91,7 @@ async fn scenario(backend: TestBackend, format: &str) {
     let mut authorize = async |header: String| {
         authorizer
             .authorize(AuthorizeRequest {
-                authorization: header,
+                authorization: header.into(),
                 client_address: "192.0.2.10".into(),
             })
             .await
