@@ -1,7 +1,11 @@
 //! The embedded store: one SQLite file, WAL mode, for a single keygate process. Same schema
 //! guarantees as Postgres; no change feed, because no other process shares the file.
 
-use std::{str::FromStr, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use sqlx::{
@@ -36,11 +40,8 @@ impl SqliteStore {
             .foreign_keys(true);
         let filename = options.get_filename().to_owned();
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        if !in_memory && let Some(parent) = filename.parent().filter(|p| !p.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                StoreError::Internal(format!("cannot create {}: {e}", parent.display()))
-            })?;
+        if !in_memory {
+            owner_only_files(&filename)?;
         }
         let description = filename.display().to_string();
         let pool = if in_memory {
@@ -62,6 +63,54 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+}
+
+/// The database holds operators' password hashes: a directory keygate creates for it is 0700
+/// and a file it creates is 0600 (SQLite gives the `-wal` and `-shm` files the mode of the
+/// database file). Files that exist already keep their mode, with a warning when other users
+/// have access: changing an operator's choice silently would be worse.
+fn owner_only_files(database: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+
+    let cannot = |what: &Path, error: std::io::Error| {
+        StoreError::Internal(format!("cannot create {}: {error}", what.display()))
+    };
+    if let Some(parent) = database.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| cannot(parent, e))?;
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(database)
+    {
+        Ok(_) => return Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(error) => return Err(cannot(database, error)),
+    }
+    let mut files = vec![database.to_owned()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = database.as_os_str().to_owned();
+        name.push(suffix);
+        files.push(PathBuf::from(name));
+    }
+    for file in files {
+        if let Ok(metadata) = std::fs::metadata(&file)
+            && metadata.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                file = %file.display(),
+                mode = format!("{:o}", metadata.permissions().mode() & 0o777),
+                "other users have access to the database file (it holds password hashes): \
+                 chmod 600 it"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[async_trait::async_trait]
