@@ -140,6 +140,25 @@ async fn key_lifecycle_through_envoy(backend: TestBackend) {
             .await,
     );
     assert_key_identity(&seen, key.id, "prometheus scraper");
+    // Nor in the spellings that CGI, WSGI and Rack read as the same names (SPEC section 3).
+    let seen = upstream_saw(
+        &stack
+            .get_headers(&[
+                ("authorization", &bearer(&secret)),
+                ("x_keygate_user", "root"),
+                ("X_Keygate_Key_Id", "999"),
+                ("x-keygate_key-name", "forged"),
+            ])
+            .await,
+    );
+    assert_key_identity(&seen, key.id, "prometheus scraper");
+    let smuggled: Vec<_> = seen
+        .as_object()
+        .expect("a JSON object")
+        .keys()
+        .filter(|name| name.contains('_'))
+        .collect();
+    assert!(smuggled.is_empty(), "reached the upstream: {smuggled:?}");
 
     // A wrong secret for a real id.
     assert_challenged(
