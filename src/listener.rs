@@ -1,4 +1,4 @@
-//! What one peer can hold on a gRPC listener (SPEC section 7): a connection slot out of
+//! What one peer can hold on a listener (SPEC section 7): a connection slot out of
 //! `max_connections`, and only for as long as it uses it. A new connection must start a request
 //! within the handshake deadline; afterwards, one with no request in flight is closed once it
 //! has been idle for the idle timeout. (Streams per connection, header sizes and each
@@ -75,6 +75,60 @@ pub fn bounded_incoming(
         }
     });
     ReceiverStream::new(incoming)
+}
+
+/// `bounded_incoming` for axum's HTTP/1.1 servers (the metrics listener). Served with
+/// `into_make_service_with_connect_info::<PeerInfo>()`, so that `TrackRequestsLayer` sees each
+/// request and a keep-alive connection between scrapes is idle, not unused.
+pub struct BoundedListener {
+    incoming: ReceiverStream<io::Result<PeerConnection>>,
+    local_addr: SocketAddr,
+}
+
+impl BoundedListener {
+    pub fn new(
+        listener: TcpListener,
+        bounds: ConnectionBounds,
+        metrics: ListenerMetrics,
+    ) -> io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        Ok(Self {
+            incoming: bounded_incoming(listener, bounds, metrics),
+            local_addr,
+        })
+    }
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = PeerConnection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (PeerConnection, SocketAddr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(connection)) => {
+                    let remote = connection.info.tcp.remote_addr.unwrap_or(self.local_addr);
+                    return (connection, remote);
+                }
+                Some(Err(_)) => continue,
+                // The accepting task has stopped: there will be no more connections.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local_addr)
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, BoundedListener>>
+    for PeerInfo
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, BoundedListener>) -> Self {
+        stream.io().info.clone()
+    }
 }
 
 /// What every request on a connection shares: when it started, and its requests.
@@ -293,11 +347,19 @@ where
 
     fn call(&mut self, mut request: tonic::codegen::http::Request<B>) -> Self::Future {
         let extensions = request.extensions();
-        let peer = extensions.get::<PeerInfo>().cloned().or_else(|| {
-            extensions
-                .get::<tonic::transport::server::TlsConnectInfo<PeerInfo>>()
-                .map(|tls| tls.get_ref().clone())
-        });
+        let peer = extensions
+            .get::<PeerInfo>()
+            .cloned()
+            .or_else(|| {
+                extensions
+                    .get::<tonic::transport::server::TlsConnectInfo<PeerInfo>>()
+                    .map(|tls| tls.get_ref().clone())
+            })
+            .or_else(|| {
+                extensions
+                    .get::<axum::extract::ConnectInfo<PeerInfo>>()
+                    .map(|info| info.0.clone())
+            });
         let in_flight = peer.map(|peer| {
             request.extensions_mut().insert(peer.tcp);
             peer.activity.request_started()

@@ -25,7 +25,7 @@ use crate::{
         reflection::{ENVOY_AUTHORIZATION_SERVICE, add_reflection, envoy_ext_authz_descriptors},
     },
     keys::KeyManager,
-    listener::{ConnectionBounds, TrackRequestsLayer, bounded_incoming},
+    listener::{BoundedListener, ConnectionBounds, PeerInfo, TrackRequestsLayer, bounded_incoming},
     metrics::Metrics,
     operators::Operators,
     passwords::Passwords,
@@ -343,15 +343,28 @@ impl Application {
         ));
         background.spawn(flush_usage(services.clone(), stopping.clone()));
 
-        match crate::listener::raise_open_files_limit() {
-            Ok(limit) => tracing::info!(limit, "open files limit"),
-            Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
-        }
         let bounds = ConnectionBounds {
             max_connections: settings.max_connections as usize,
             handshake_timeout: Duration::from_millis(settings.handshake_timeout_ms),
             idle_timeout: Duration::from_secs(settings.idle_timeout_secs),
         };
+        match crate::listener::raise_open_files_limit() {
+            Ok(limit) => {
+                tracing::info!(limit, "open files limit");
+                // Three listeners, each up to its bound, and the store's connections.
+                let wanted = 3 * u64::from(settings.max_connections) + 256;
+                if limit < wanted {
+                    tracing::warn!(
+                        limit,
+                        max_connections = settings.max_connections,
+                        "the open files limit is below what KEYGATE_MAX_CONNECTIONS allows: \
+                         new connections will wait for a free descriptor; raise the hard limit \
+                         (LimitNOFILE=, ulimit -Hn) or lower KEYGATE_MAX_CONNECTIONS"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
+        }
         tracing::info!(
             store = %services.store.describe(),
             main = %main_listener.local_addr().expect("bound"),
@@ -392,7 +405,7 @@ impl Application {
                     tower::ServiceBuilder::new()
                         .layer(TrackRequestsLayer)
                         .layer(tower::util::MapResponseLayer::new(
-                            crate::grpc::malformed::undecodable_is_invalid_argument,
+                            crate::grpc::malformed::unreadable_is_invalid_argument,
                         )),
                 ),
             )
@@ -420,6 +433,7 @@ impl Application {
         );
         let metrics_server = tokio::spawn(serve_metrics(
             metrics_listener,
+            bounds,
             services.metrics.clone(),
             closing(),
         ));
@@ -647,9 +661,11 @@ async fn flush_usage(services: Arc<Services>, mut stopping: watch::Receiver<bool
 
 async fn serve_metrics(
     listener: TcpListener,
+    bounds: ConnectionBounds,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let listener_metrics = metrics.listener("metrics");
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -665,12 +681,15 @@ async fn serve_metrics(
             }
         }),
     );
-    axum::serve(http_no_delay(listener), app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let app = app.layer(TrackRequestsLayer);
+    axum::serve(
+        BoundedListener::new(listener, bounds, listener_metrics)?,
+        app.into_make_service_with_connect_info::<PeerInfo>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
-/// Resolves on SIGTERM or SIGINT.
 /// Accepted connections with Nagle's algorithm off. tonic ignores its own `tcp_nodelay` for a
 /// listener it did not bind, and with Nagle on, a reply written while an earlier one is still
 /// unacknowledged waits for the peer's delayed ACK: 40 ms on Linux, seen as a 40 ms mode in the
@@ -689,6 +708,7 @@ pub fn http_no_delay(
     })
 }
 
+/// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
