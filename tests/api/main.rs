@@ -12,6 +12,7 @@ mod cli;
 mod db_outage;
 mod envoy;
 mod grpcurl;
+mod hardening;
 mod hostile_input;
 mod key_admin;
 mod lockout;
