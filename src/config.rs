@@ -173,7 +173,7 @@ pub struct ServeArgs {
     pub admin_user: Option<String>,
     /// A file whose first line is --admin-user's password. (There is no flag for the password
     /// itself: every local user can read a process's command line.)
-    #[arg(long, value_name = "FILE", value_parser = read_password_file)]
+    #[arg(long, env = "KEYGATE_ADMIN_PASSWORD_FILE", value_name = "FILE", value_parser = read_password_file)]
     pub admin_password_file: Option<SecretString>,
     /// KEYGATE_ADMIN_PASSWORD, read from the environment only.
     #[arg(skip = password_from_env())]
