@@ -195,8 +195,6 @@ impl EnvoyAuthorizationService {
 }
 
 impl CheckHandler for EnvoyAuthorizationService {
-    type Request = CheckRequestView;
-
     fn check(self: &Arc<Self>, request: Request<CheckRequestView>) -> CheckFuture {
         let peer = request.remote_addr().map(|addr| addr.ip());
         let request = request.into_inner();

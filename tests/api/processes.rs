@@ -1,7 +1,6 @@
 //! Real child processes for the tests that drive real binaries: the `keygate` CLI and server,
-//! grpcurl, Envoy and Prometheus on the repo's example configs, and the `demo-upstream`
-//! binary. Every one is bounded in time and killed (and reaped) when its guard drops, so a
-//! failing test leaves nothing running; and no wait blocks the async runtime the in-process
+//! grpcurl, Envoy and Prometheus on the repo's example configs. Every one is bounded in time
+//! and killed (and reaped) when its guard drops, so a failing test leaves nothing running; and no wait blocks the async runtime the in-process
 //! server under test runs on (`#[sqlx::test]` uses a current-thread runtime).
 //!
 //! The configs are the example files themselves, rewritten textually (whole words, each
@@ -368,39 +367,34 @@ pub fn envoy_socket(host: &str, port: u16) -> String {
     format!("{{ address: {host}, port_value: {port} }}")
 }
 
-/// The repo's `demo-upstream` binary on a random loopback port: `/metrics` and `/headers`.
+/// The repo's demo upstream (`tools/demo-upstream`) on a random loopback port, served in the
+/// test process: `/metrics` and `/headers`. Stopped when dropped.
 pub struct DemoUpstream {
     pub addr: SocketAddr,
-    _process: ChildProcess,
-    _dir: TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl DemoUpstream {
     pub async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_demo-upstream"));
-        command
-            .env_remove("DEMO_UPSTREAM_LISTEN")
-            .args(["--listen", "127.0.0.1:0"]);
-        let mut process =
-            ChildProcess::spawn_logged("demo-upstream", command, &dir.path().join("log"));
-        // It binds port 0 and prints the address it got: no port race.
-        let addr = process
-            .wait_until("demo-upstream listening", START_TIMEOUT, |process| {
-                // Whole lines only: stderr is unbuffered, a line may arrive in pieces.
-                let addr = process
-                    .log()
-                    .split_inclusive('\n')
-                    .filter_map(|line| line.strip_suffix('\n'))
-                    .find_map(|line| line.strip_prefix("demo-upstream listening on "))
-                    .map(|addr| addr.trim().parse().expect("demo-upstream's address"));
-                std::future::ready(addr)
-            })
-            .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the demo upstream");
+        let addr = listener.local_addr().expect("its address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(demo_upstream::serve(listener, async move {
+            let _ = stopped.await;
+        }));
         Self {
             addr,
-            _process: process,
-            _dir: dir,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for DemoUpstream {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
     }
 }

@@ -1,13 +1,8 @@
 //! The benchmarks' baseline: an authorization server that allows everything without looking at
 //! the request. It serves the same two RPCs as keygate's main port
-//! (`envoy.service.auth.v3.Authorization/Check` and `keygate.v1.Authorizer/Authorize`) with the
-//! same stack (tokio's default multi-threaded runtime, tonic, the same HTTP/2 server settings,
-//! keygate's Check transport sending an answer encoded once).
-//!
-//! It decodes each Check request in full, as envoy-types' generated server does: what a no-op
-//! written the usual way costs. keygate decodes only the two fields it reads
-//! (`keygate::grpc::check_request`); with `--decode keygate` the no-op does the same, and the
-//! difference between the two is then what keygate's decision costs.
+//! (`envoy.service.auth.v3.Authorization/Check` and `keygate.v1.Authorizer/Authorize`) the
+//! usual way: envoy-types' generated server, which decodes each Check request in full, on
+//! tokio's default multi-threaded runtime with keygate's HTTP/2 keepalive setting.
 //!
 //! With `--answer keygate` it allows with the same response keygate gives a key by default
 //! (identity headers, removed headers), so Envoy does the same work for both and only the
@@ -15,21 +10,21 @@
 //! `--answer removals` send one part of that answer each, so the benchmark can say what each
 //! part costs Envoy.
 
-use std::{marker::PhantomData, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use envoy_types::ext_authz::v3::{
-    CheckResponseExt, OkHttpResponseBuilder,
-    pb::{CheckRequest, CheckResponse, HeaderAppendAction},
+use envoy_types::{
+    ext_authz::v3::{
+        CheckResponseExt, OkHttpResponseBuilder,
+        pb::{CheckRequest, CheckResponse, HeaderAppendAction},
+    },
+    pb::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer},
 };
-use keygate::grpc::check_request::CheckRequestView;
-use keygate::grpc::check_server::{AuthorizationServer, CheckAnswer, CheckFuture, CheckHandler};
 use keygate::grpc::envoy::{KEY_ID_HEADER, KEY_NAME_HEADER, USER_HEADER};
 use keygate::grpc::proto::{
     AuthorizeRequest, AuthorizeResponse,
     authorizer_server::{Authorizer, AuthorizerServer},
 };
-use prost::{Message, bytes::Bytes};
 use tonic::{Request, Response, Status, transport::Server};
 
 #[derive(Parser)]
@@ -40,17 +35,6 @@ struct Args {
     /// What an allow carries: nothing, or what keygate sends for a key.
     #[arg(long, value_enum, default_value_t = Answer::Plain)]
     answer: Answer,
-    /// What a Check request is decoded as.
-    #[arg(long, value_enum, default_value_t = Decode::Full)]
-    decode: Decode,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Decode {
-    /// envoy-types' `CheckRequest`, every field.
-    Full,
-    /// keygate's view: the `Authorization` header and the client address only.
-    Keygate,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,29 +47,15 @@ enum Answer {
     Removals,
 }
 
-/// Allows every call; Check requests are decoded as `R`.
-struct AllowAll<R> {
-    /// The Check answer, encoded once (as keygate keeps an allowed key's).
-    encoded: Bytes,
-    request: PhantomData<fn() -> R>,
+/// Allows every call.
+struct AllowAll {
+    answer: CheckResponse,
 }
 
-impl<R> AllowAll<R> {
-    fn new(answer: Answer) -> Self {
-        Self {
-            encoded: Bytes::from(allow(answer).encode_to_vec()),
-            request: PhantomData,
-        }
-    }
-}
-
-impl<R: Message + Default + Send + 'static> CheckHandler for AllowAll<R> {
-    type Request = R;
-
-    fn check(self: &Arc<Self>, _: Request<R>) -> CheckFuture {
-        Box::pin(std::future::ready(Ok(Response::new(CheckAnswer::Encoded(
-            self.encoded.clone(),
-        )))))
+#[tonic::async_trait]
+impl Authorization for AllowAll {
+    async fn check(&self, _: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(self.answer.clone()))
     }
 }
 
@@ -107,7 +77,7 @@ fn allow(answer: Answer) -> CheckResponse {
 }
 
 #[tonic::async_trait]
-impl<R: Send + 'static> Authorizer for AllowAll<R> {
+impl Authorizer for AllowAll {
     async fn authorize(
         &self,
         _: Request<AuthorizeRequest>,
@@ -122,34 +92,33 @@ impl<R: Send + 'static> Authorizer for AllowAll<R> {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    match args.decode {
-        Decode::Full => serve::<CheckRequest>(&args).await,
-        Decode::Keygate => serve::<CheckRequestView>(&args).await,
-    }
-}
-
-async fn serve<R: Message + Default + Send + 'static>(
-    args: &Args,
-) -> Result<(), Box<dyn std::error::Error>> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     eprintln!("noop-authz listening on {}", listener.local_addr()?);
-    // The same server settings as keygate's (src/startup.rs).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(AuthorizationServer::new(AllowAll::<R>::new(args.answer)))
-        .add_service(AuthorizerServer::new(AllowAll::<R>::new(args.answer)))
+        .add_service(AuthorizationServer::new(AllowAll {
+            answer: allow(args.answer),
+        }))
+        .add_service(AuthorizerServer::new(AllowAll {
+            answer: allow(args.answer),
+        }))
         .add_service(health_service)
-        // SIGTERM as well as Ctrl-C, as keygate: bench/run.sh stops its servers with SIGTERM,
-        // and a profile-instrumented build (scripts/pgo-build.sh) writes its profile only on a
-        // normal exit.
-        .serve_with_incoming_shutdown(
-            keygate::startup::no_delay(listener),
-            keygate::startup::shutdown_signal(),
-        )
+        // SIGTERM as well as Ctrl-C: bench/run.sh stops its servers with SIGTERM.
+        .serve_with_incoming_shutdown(incoming, stopped())
         .await?;
     Ok(())
+}
+
+async fn stopped() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
 }

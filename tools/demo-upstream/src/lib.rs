@@ -1,23 +1,16 @@
-//! A tiny HTTP service to put behind Envoy in demos and end-to-end tests: `GET /metrics`
+//! A tiny HTTP service to put behind a gateway in demos and end-to-end tests: `GET /metrics`
 //! serves a few Prometheus series (standing in for Uptime Kuma's `/metrics`), and
-//! `GET /headers` echoes the request headers as JSON, so a test can see what Envoy forwarded
-//! (the `x-keygate-*` headers, and no `authorization`).
+//! `GET /headers` echoes the request headers as JSON, so a test can see what the gateway
+//! forwarded (the `x-keygate-*` headers, and no `authorization`).
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    future::Future,
     sync::atomic::{AtomicU64, Ordering},
 };
 
 use axum::{Json, Router, http::HeaderMap, routing::get};
-use clap::Parser;
-
-#[derive(Parser)]
-#[command(about = "Demo upstream for keygate: /metrics and /headers")]
-struct Args {
-    #[arg(long, env = "DEMO_UPSTREAM_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-}
+use tokio::net::TcpListener;
 
 static SCRAPES: AtomicU64 = AtomicU64::new(0);
 
@@ -34,7 +27,8 @@ async fn metrics() -> String {
 }
 
 /// A header sent more than once is echoed once, its values joined with `, ` (as HTTP allows),
-/// so a duplicate (say a client's forged `x-keygate-key-id` next to Envoy's) stays visible.
+/// so a duplicate (say a client's forged `x-keygate-key-id` next to the gateway's) stays
+/// visible.
 async fn headers(headers: HeaderMap) -> Json<BTreeMap<String, String>> {
     let mut echoed = BTreeMap::<String, String>::new();
     for (name, value) in &headers {
@@ -50,17 +44,22 @@ async fn headers(headers: HeaderMap) -> Json<BTreeMap<String, String>> {
     Json(echoed)
 }
 
-#[tokio::main]
-async fn main() -> std::io::Result<()> {
-    let args = Args::parse();
-    let app = Router::new()
+pub fn router() -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
-        .route("/headers", get(headers));
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    eprintln!("demo-upstream listening on {}", listener.local_addr()?);
-    // Nagle off, as on keygate's listeners: Envoy keeps connections open and waits for replies.
-    // Stops on SIGTERM (docker stop, bench/run.sh) with a normal exit, as keygate does.
-    axum::serve(keygate::startup::http_no_delay(listener), app)
-        .with_graceful_shutdown(keygate::startup::shutdown_signal())
+        .route("/headers", get(headers))
+}
+
+/// Serves `router()` on `listener` until `shutdown` resolves. Nagle is off, as on keygate's
+/// listeners: a gateway keeps connections open and waits for each reply.
+pub async fn serve(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = axum::serve::ListenerExt::tap_io(listener, |socket| {
+        let _ = socket.set_nodelay(true);
+    });
+    axum::serve(listener, router())
+        .with_graceful_shutdown(shutdown)
         .await
 }
