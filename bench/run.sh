@@ -194,9 +194,9 @@ start_noop() {
   wait_serving "$port" >/dev/null
 }
 
-# start_bench_keygate NAME: start_keygate on the bench database, serving. The figures in the
-# README were measured with argon2 at nice +10 (then the default; now opt-in with
-# KEYGATE_ARGON2_NICE, see src/argon_pool.rs). BENCH_ARGON2_NICE=0 measures the default.
+# start_bench_keygate NAME: start_keygate on the bench database, serving, with argon2 at
+# nice +10 (KEYGATE_ARGON2_NICE, see src/argon_pool.rs). BENCH_ARGON2_NICE=0 measures the
+# default.
 start_bench_keygate() {
   local main
   start_keygate "$1" "$PG_BASE/$DB" KEYGATE_ARGON2_NICE="${BENCH_ARGON2_NICE:-10}"
@@ -323,8 +323,8 @@ scenario_envoy() {
   local paired_ratio32="" together_twin32="" sequential_ratio32="" paired_p50_diff="" paired_p50_mimic="" paired_p50_twin="" paired_p50_cold="" paired_cpu_ratio="" decision_means=""
   # The latency probe alternates between all five chains (the twin only serves as its A/A
   # pair; the throughput runs leave it out). It runs first in each repetition, when every chain
-  # has the same history (started, warmed up): in run M, with the throughput runs first, the
-  # twin (never loaded by wrk) answered 0.7-7.6 us faster than the no-op in all 7 fresh sets.
+  # has the same history (started, warmed up): with the throughput runs first, the twin
+  # (never loaded by wrk) answered faster than the no-op in every fresh set.
   targets() { for variant in "${variants[@]}" twin; do echo "--target $variant=127.0.0.1:${ENVOY_PORT[$variant]}"; done; }
   local rep r j line variant variants=(keygate noop mimic none)
   local kg_cpu noop_cpu decided_before decided_after decision_us
@@ -375,7 +375,7 @@ scenario_envoy() {
     done
     # The verdict's pairs: both chains under load at the same time (16 connections each, 32 in
     # all), so a slow spell of the machine slows both alike; the cheaper chain completes more.
-    # One such 5 s pair swings by ±10 % on this VM (run W: 0.85-1.03 over 7 repetitions), so
+    # One such 5 s pair swings by ±10 % on this VM, so
     # each repetition takes SIMUL_SAMPLES of them, alternating with the same pair of the twin
     # and the no-op (identical chains: this estimator's own noise, printed beside it).
     for j in $(seq "$SIMUL_SAMPLES"); do
@@ -418,18 +418,18 @@ scenario_envoy() {
 # The same chain counted in instructions (valgrind's callgrind), which this machine's noise does
 # not touch: Envoy's work per request behind keygate and behind the no-op, and each authorization
 # server's own, over IR_REQUESTS requests after a warm-up. (Under valgrind, sha2 cannot use the
-# CPU's SHA extensions, so keygate's HMAC counts several times what it costs natively.)
+# CPU's SHA extensions, so keygate's digest counts several times what it costs natively.)
 instructions_per_request() {
   local up=$1
   log "1. Envoy: instructions per request under callgrind ($IR_REQUESTS requests each)"
   # count_ir NAME LISTEN: zeroes the counters of the callgrind process NAME, sends IR_REQUESTS
   # requests through the Envoy on LISTEN, dumps, prints the instructions per request.
   count_ir() {
-    local name=$1 listen=$2 pid out dumped total hmac
+    local name=$1 listen=$2 pid out dumped total
     pid=$(pgrep -o -f "valgrind.bin .*callgrind-out-file=$WORK/cg-$name.out")
     [ -n "$pid" ] || { log "no callgrind process for $name"; exit 1; }
-    # Warm-up: until keygate has verified the key once (argon2 under valgrind takes seconds,
-    # beyond Envoy's 0.25 s timeout), then a few hundred requests.
+    # Warm-up: until keygate has read the key once (slow under valgrind, beyond Envoy's 0.25 s
+    # timeout), then a few hundred requests.
     for _ in $(seq 120); do
       [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" "http://127.0.0.1:$listen/metrics")" = 200 ] && break
       sleep 0.5
@@ -442,12 +442,8 @@ instructions_per_request() {
     callgrind_control -d "$pid" >/dev/null 2>&1
     dumped=$(ls -t "$WORK/cg-$name.out".* | awk "NR == 1")
     total=$(callgrind_annotate "$dumped" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
-    # keygate's HMAC-SHA256 fingerprint, inclusive (0 elsewhere).
-    hmac=$(callgrind_annotate --inclusive=yes "$dumped" 2>/dev/null |
-      awk '!found && /cache\.rs:keygate::cache::CredentialCache::fingerprint( \[|$)/ {
-        gsub(",", "", $1); print $1; found = 1 }')
     kill "$pid"
-    echo "$((total / IR_REQUESTS)) $(( ${hmac:-0} / IR_REQUESTS ))"
+    echo "$((total / IR_REQUESTS))"
   }
   # envoy_instructions NAME AUTHZ_PORT: Envoy under callgrind in front of the (native)
   # authorization server on AUTHZ_PORT; sets ENVOY_IR to its instructions per request.
@@ -460,11 +456,10 @@ instructions_per_request() {
       >>"$WORK/envoy-cg-$name.log" 2>&1 &
     PIDS+=("$!")
     wait_envoy "$admin" "$WORK/envoy-cg-$name.log"
-    counted=$(count_ir "envoy-$name" "$listen")
-    ENVOY_IR=${counted% *}
+    ENVOY_IR=$(count_ir "envoy-$name" "$listen")
   }
-  declare -A envoy_ir server_ir server_hmac
-  local variant authz listen admin config server_port counted
+  declare -A envoy_ir server_ir
+  local variant authz listen admin config server_port
   for variant in keygate noop; do
     case $variant in keygate) authz=$MAIN_kg ;; noop) authz=$NOOP_PORT ;; esac
     envoy_instructions "$variant" "$authz"
@@ -494,10 +489,9 @@ instructions_per_request() {
     local envoy_pid=$!
     PIDS+=("$envoy_pid")
     wait_envoy "$admin" "$WORK/envoy-to-cg-$variant.log"
-    counted=$(count_ir "server-$variant" "$listen")
-    server_ir[$variant]=${counted% *}; server_hmac[$variant]=${counted#* }
+    server_ir[$variant]=$(count_ir "server-$variant" "$listen")
     stop_pid "$envoy_pid"
-    raw "instructions variant=$variant envoy_per_request=${envoy_ir[$variant]} server_per_request=${server_ir[$variant]} of_which_hmac=${server_hmac[$variant]}"
+    raw "instructions variant=$variant envoy_per_request=${envoy_ir[$variant]} server_per_request=${server_ir[$variant]}"
   done
   # What each part of keygate's allow (SPEC section 3: identity headers set, `authorization`
   # and the other identity header removed) costs Envoy: Envoy under callgrind behind the no-op
@@ -516,14 +510,6 @@ instructions_per_request() {
   result "1. Envoy, instructions (callgrind)" "Envoy per request, keygate / noop ($ek / $en)" "$(calc "$ek / $en" 3)×" "(context)" "-"
   result "1. Envoy, instructions (callgrind)" "Envoy per request for keygate's answer: + identity headers / + removals / + both (no-op sending it)" "+$((answer_ir[identity-headers] - en)) / +$((answer_ir[removals] - en)) / +$((answer_ir[keygate] - en))" "(context)" "-"
   result "1. Envoy, instructions (callgrind)" "server per request, keygate / noop ($sk / $sn)" "$(calc "$sk / $sn" 3)×" "(context)" "-"
-  local sk_native=$((sk - server_hmac[keygate]))
-  if [ "${server_hmac[keygate]}" -gt 0 ]; then
-    result "1. Envoy, instructions (callgrind)" "server, keygate without its HMAC (software SHA-256 here) / noop ($sk_native / $sn)" "$(calc "$sk_native / $sn" 3)×" "(context)" "-"
-  else
-    # A profile-guided build inlines the HMAC into its callers: callgrind finds no function of
-    # its own to subtract, and a ratio equal to the row above would read as "the HMAC is free".
-    result "1. Envoy, instructions (callgrind)" "server, keygate without its HMAC / noop (the HMAC is inlined in this build: not separable)" "n/a" "(context)" "-"
-  fi
   result "1. Envoy, instructions (callgrind)" "Envoy + server, noop / keygate" "$(calc "($en + $sn) / ($ek + $sk)" 3)×" "(context)" "-"
 }
 
