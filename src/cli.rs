@@ -11,7 +11,8 @@ use serde_json::json;
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
 use crate::{
-    argon_pool::ArgonPool,
+    admin::operators::Operators,
+    auth::{argon_pool::ArgonPool, passwords::Passwords},
     config::{ClientTlsArgs, HealthcheckArgs, UserArgs, UserCommand},
     domain::hashing::SecretHasher,
     grpc::{
@@ -19,8 +20,6 @@ use crate::{
         proto::{self, key_admin_client::KeyAdminClient},
     },
     metrics::Metrics,
-    operators::Operators,
-    passwords::Passwords,
     store,
 };
 
@@ -55,7 +54,7 @@ pub async fn run_user_command(command: UserCommand) -> CliResult {
     let operators = Operators::new(
         store,
         passwords,
-        crate::rate_limit::FailureLimiter::new(crate::rate_limit::FailureBudget {
+        crate::auth::rate_limit::FailureLimiter::new(crate::auth::rate_limit::FailureBudget {
             burst: 1,
             per_minute: 0,
         }),

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use keygate::{
+    app::{Application, shutdown_signal},
     cli,
     config::{Cli, Command},
-    startup::{Application, shutdown_signal},
     telemetry,
 };
 

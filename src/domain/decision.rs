@@ -1,6 +1,6 @@
 //! The outcome of an authorization decision (SPEC section 3) and its pure steps. The one place
 //! that strings the steps together, with the store, the cache and argon2, is
-//! `crate::authorizer::Authorizer::decide`.
+//! `crate::auth::authorizer::Authorizer::decide`.
 
 use std::sync::Arc;
 

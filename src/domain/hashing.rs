@@ -1,5 +1,5 @@
 //! argon2id hashing of key secrets and passwords. CPU-bound and deliberately slow: callers run it
-//! off the async runtime (see `crate::argon_pool`).
+//! off the async runtime (see `crate::auth::argon_pool`).
 
 use argon2::{
     Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version,

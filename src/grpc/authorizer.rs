@@ -9,7 +9,9 @@ use super::{
     convert::authorize_response,
     proto::{AuthorizeRequest, AuthorizeResponse, authorizer_server},
 };
-use crate::{authorizer::Authorizer, domain::credentials::TrustedProxies, metrics::Transport};
+use crate::{
+    auth::authorizer::Authorizer, domain::credentials::TrustedProxies, metrics::Transport,
+};
 
 pub struct AuthorizerService {
     authorizer: Arc<Authorizer>,

@@ -26,7 +26,7 @@ use super::{
 };
 
 use crate::{
-    authorizer::Authorizer,
+    auth::authorizer::Authorizer,
     domain::{
         credentials::TrustedProxies,
         decision::{Decision, DenyReason, Principal},
@@ -162,8 +162,8 @@ impl EnvoyAuthorizationService {
         let mut response = CheckResponse::with_status(Status::ok(""));
         response.set_http_response(http);
         // Off by default: Envoy parses and merges the metadata on every allowed request, which
-        // costs it about as much as the two identity headers do (callgrind, README's
-        // Benchmarks), for information the upstream request already carries.
+        // costs it about as much as the two identity headers do, for information the upstream
+        // request already carries.
         if self.allow_metadata {
             response.set_dynamic_metadata(Some(metadata(None, Some(principal))));
         }
@@ -273,7 +273,7 @@ fn metadata(reason: Option<DenyReason>, principal: Option<&Principal>) -> Struct
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::ServeArgs, startup::Services, store::SqliteStore};
+    use crate::{app::Services, config::ServeArgs, store::SqliteStore};
 
     async fn service() -> EnvoyAuthorizationService {
         let store = Arc::new(SqliteStore::connect("sqlite::memory:").await.unwrap());

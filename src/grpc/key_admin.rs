@@ -15,7 +15,7 @@ use super::{
         key_admin_server,
     },
 };
-use crate::{keys::KeyManager, operators::Operators};
+use crate::admin::{keys::KeyManager, operators::Operators};
 
 pub struct KeyAdminService {
     keys: Arc<KeyManager>,

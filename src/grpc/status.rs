@@ -3,17 +3,23 @@
 
 use tonic::Status;
 
-use crate::{authorizer::DecideError, keys::AdminError, operators::OperatorAuthError};
+use crate::{admin::AdminError, auth::authorizer::DecideError};
 
 impl From<AdminError> for Status {
     fn from(error: AdminError) -> Self {
         match error {
             AdminError::InvalidArgument(message) => Status::invalid_argument(message),
-            AdminError::NotFound(_) => Status::not_found(error.to_string()),
+            AdminError::KeyNotFound(_) | AdminError::UserNotFound(_) => {
+                Status::not_found(error.to_string())
+            }
+            AdminError::UserExists(_) => Status::already_exists(error.to_string()),
+            AdminError::Unauthenticated(message) => Status::unauthenticated(message),
+            AdminError::TooManyFailures(_) => Status::unauthenticated(error.to_string()),
             AdminError::Unavailable(source) => {
                 tracing::warn!(error = %source, "KeyAdmin call failed: store unavailable");
                 Status::unavailable("the key store is unavailable; try again later")
             }
+            AdminError::Overloaded => Status::unavailable(error.to_string()),
             AdminError::Internal(source) => {
                 tracing::error!(error = %source, "KeyAdmin call failed");
                 Status::internal("internal database error")
@@ -29,18 +35,6 @@ impl From<DecideError> for Status {
                 Status::unavailable("the key store is unavailable and the answer is not cached")
             }
             DecideError::Overloaded => Status::unavailable(error.to_string()),
-        }
-    }
-}
-
-impl From<OperatorAuthError> for Status {
-    fn from(error: OperatorAuthError) -> Self {
-        match error {
-            OperatorAuthError::Unauthenticated(message) => Status::unauthenticated(message),
-            OperatorAuthError::TooManyFailures(_) => Status::unauthenticated(error.to_string()),
-            OperatorAuthError::Unavailable(source) => {
-                Status::from(crate::authorizer::DecideError::from(source))
-            }
         }
     }
 }

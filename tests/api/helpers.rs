@@ -9,12 +9,12 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use base64::Engine as _;
 use keygate::{
+    app::Application,
     config::ServeArgs,
     grpc::proto::{
         self, ApiKey, AuthorizeRequest, AuthorizeResponse, CreateKeyRequest,
         authorizer_client::AuthorizerClient, key_admin_client::KeyAdminClient,
     },
-    startup::Application,
     store::{DynStore, PostgresStore, SqliteStore},
 };
 use secrecy::SecretString;

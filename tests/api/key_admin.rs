@@ -829,7 +829,7 @@ impl Drop for CuttableProxy {
 /// embedded SQLite file cannot become unreachable.
 #[sqlx::test(migrations = false)]
 async fn key_admin_is_unavailable_while_postgres_is_unreachable(pool: sqlx::PgPool) {
-    use keygate::{startup::Application, store::PostgresStore};
+    use keygate::{app::Application, store::PostgresStore};
 
     let options = pool.connect_options();
     let proxy =

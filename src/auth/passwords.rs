@@ -22,10 +22,12 @@ use secrecy::SecretString;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::{
+use super::{
     argon_pool::{ArgonPool, Overloaded},
-    domain::model::UserRecord,
     rate_limit::FailureLimiter,
+};
+use crate::{
+    domain::model::UserRecord,
     store::{DynStore, StoreError},
 };
 

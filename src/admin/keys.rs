@@ -7,47 +7,16 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
-    authorizer::Authorizer,
-    cache::KeyCache,
+    admin::AdminError,
+    auth::{cache::KeyCache, lockout::Lockout},
     domain::{
         digest::SecretDigest,
         key::{KeyMaterial, KeyPrefix},
         model::{AuthMode, KeyRecord},
-        validation::{
-            InvalidArgument, KeyName, PageRequest, encode_page_token, parse_expiry, parse_key_id,
-        },
+        validation::{KeyName, PageRequest, encode_page_token, parse_expiry, parse_key_id},
     },
-    store::{DynStore, NewKey, StoreError},
+    store::{DynStore, NewKey},
 };
-
-/// Everything a key-management call can fail with; `crate::grpc::status` maps each to one
-/// gRPC code.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("no API key with id {0}")]
-    NotFound(i64),
-    #[error("the key store is unavailable")]
-    Unavailable(#[source] StoreError),
-    #[error("internal error")]
-    Internal(#[source] StoreError),
-}
-
-impl From<InvalidArgument> for AdminError {
-    fn from(error: InvalidArgument) -> Self {
-        Self::InvalidArgument(error.0)
-    }
-}
-
-impl From<StoreError> for AdminError {
-    fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::Unavailable(_) => Self::Unavailable(error),
-            other => Self::Internal(other),
-        }
-    }
-}
 
 /// A key as just created: its record and the clear key, which exists only here and in the
 /// CreateKey response.
@@ -64,7 +33,7 @@ pub struct KeyPage {
 pub struct KeyManager {
     store: DynStore,
     cache: Arc<KeyCache>,
-    authorizer: Arc<Authorizer>,
+    lockout: Arc<Lockout>,
     prefix: KeyPrefix,
 }
 
@@ -72,13 +41,13 @@ impl KeyManager {
     pub fn new(
         store: DynStore,
         cache: Arc<KeyCache>,
-        authorizer: Arc<Authorizer>,
+        lockout: Arc<Lockout>,
         prefix: KeyPrefix,
     ) -> Self {
         Self {
             store,
             cache,
-            authorizer,
+            lockout,
             prefix,
         }
     }
@@ -109,7 +78,7 @@ impl KeyManager {
             .await?;
         // An id the cache had seen as unknown (someone probing ids) is unknown no longer.
         self.cache.invalidate_key(record.id);
-        self.authorizer.note_lockout();
+        self.lockout.note();
         let clear_key = material.clear_key(&self.prefix, record.id);
         tracing::info!(id = record.id, name = %record.name, operator, "API key created");
         Ok(CreatedKey { record, clear_key })
@@ -120,7 +89,7 @@ impl KeyManager {
         self.store
             .get_key(id)
             .await?
-            .ok_or(AdminError::NotFound(id))
+            .ok_or(AdminError::KeyNotFound(id))
     }
 
     pub async fn list_keys(&self, page_size: i32, page_token: &str) -> Result<KeyPage, AdminError> {
@@ -152,7 +121,7 @@ impl KeyManager {
         // Invalidate before answering: once the caller hears "disabled", no request decided
         // by this process afterwards can use the old state.
         self.cache.invalidate_key(id);
-        let record = record.ok_or(AdminError::NotFound(id))?;
+        let record = record.ok_or(AdminError::KeyNotFound(id))?;
         tracing::info!(
             id,
             enabled,
@@ -168,7 +137,7 @@ impl KeyManager {
         let deleted = self.store.delete_key(id).await?;
         self.cache.invalidate_key(id);
         if !deleted {
-            return Err(AdminError::NotFound(id));
+            return Err(AdminError::KeyNotFound(id));
         }
         tracing::info!(id, operator, "API key deleted");
         Ok(())

@@ -1,21 +1,21 @@
 //! The one place that decides allow or deny (SPEC section 3), shared by every transport: the
 //! `Authorizer` RPC and Envoy's `Check` are thin adapters around `Authorizer::decide`.
 
-use std::{
-    net::IpAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Instant,
-};
+use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 
-use crate::{
+use super::{
     argon_pool::{ArgonPool, Overloaded},
     cache::{CachedKey, KeyCache, KnownKey},
+    key_reads::KeyReads,
+    lockout::Lockout,
+    passwords::{PasswordCheck, PasswordCheckError, Passwords},
+    rate_limit::FailureLimiter,
+    usage::UsageRecorder,
+};
+use crate::{
     domain::{
         credentials::{ClientAddress, CredentialsError, parse_authorization},
         decision::{Decision, DenyReason, Principal, check_key_state},
@@ -23,12 +23,8 @@ use crate::{
         key::{KeyPrefix, PresentedKey, parse_key_shape},
         model::StoredSecret,
     },
-    key_reads::KeyReads,
     metrics::{Metrics, Transport},
-    passwords::{PasswordCheck, PasswordCheckError, Passwords},
-    rate_limit::FailureLimiter,
     store::{DynStore, StoreError},
-    usage::UsageRecorder,
 };
 
 /// The decision could not be made: the gateway's own failure policy applies (an error, never a
@@ -71,8 +67,7 @@ pub struct Authorizer {
     argon: ArgonPool,
     limiter: FailureLimiter,
     prefix: KeyPrefix,
-    /// Once the store has said the lockout flag is set, it is set forever: no need to ask again.
-    api_keys_enabled: AtomicBool,
+    lockout: Arc<Lockout>,
     usage: Arc<UsageRecorder>,
     metrics: Arc<Metrics>,
 }
@@ -85,6 +80,7 @@ pub struct AuthorizerParts {
     pub argon: ArgonPool,
     pub limiter: FailureLimiter,
     pub prefix: KeyPrefix,
+    pub lockout: Arc<Lockout>,
     pub usage: Arc<UsageRecorder>,
     pub metrics: Arc<Metrics>,
 }
@@ -98,6 +94,7 @@ impl Authorizer {
             argon,
             limiter,
             prefix,
+            lockout,
             usage,
             metrics,
         } = parts;
@@ -109,7 +106,7 @@ impl Authorizer {
             argon,
             limiter,
             prefix,
-            api_keys_enabled: AtomicBool::new(false),
+            lockout,
             usage,
             metrics,
         }
@@ -140,7 +137,7 @@ impl Authorizer {
         client: &ClientAddress<'_>,
     ) -> Option<Decision> {
         let started = Instant::now();
-        if !self.api_keys_enabled.load(Ordering::Acquire) {
+        if !self.lockout.is_known() {
             return None;
         }
         let credentials = parse_authorization(header).ok()?;
@@ -346,7 +343,7 @@ impl Authorizer {
 
     /// Lets a verified key in, queueing its use for `last_used_at`.
     fn allow(&self, key: &KnownKey, now: DateTime<Utc>) -> Decision {
-        if key.should_record_use(now.timestamp(), crate::usage::RECORD_INTERVAL_SECS) {
+        if key.should_record_use(now.timestamp(), crate::auth::usage::RECORD_INTERVAL_SECS) {
             self.usage.record(key.record.id, now);
         }
         Decision::Allow(Principal::Key {
@@ -381,19 +378,14 @@ impl Authorizer {
     }
 
     async fn api_keys_enabled(&self) -> Result<bool, DecideError> {
-        if self.api_keys_enabled.load(Ordering::Acquire) {
+        if self.lockout.is_known() {
             return Ok(true);
         }
         let mode = self.store.auth_mode().await?;
         if mode.api_keys_enabled {
-            self.note_lockout();
+            self.lockout.note();
         }
         Ok(mode.api_keys_enabled)
-    }
-
-    /// Called when this process created the first key or heard that another did.
-    pub fn note_lockout(&self) {
-        self.api_keys_enabled.store(true, Ordering::Release);
     }
 }
 
@@ -408,7 +400,7 @@ fn rate_limited(retry_after: std::time::Duration) -> Decision {
 mod tests {
     use std::sync::Arc;
 
-    use crate::{config::ServeArgs, metrics::Transport, startup::Services, store::SqliteStore};
+    use crate::{app::Services, config::ServeArgs, metrics::Transport, store::SqliteStore};
 
     /// Every request's future is allocated (tonic boxes the handler's) and moved; the argon2
     /// paths' futures are kilobytes (moka's coalescing, the worker pool), so they are boxed and

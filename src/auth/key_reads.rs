@@ -11,10 +11,8 @@ use std::{
 
 use tokio::sync::oneshot;
 
-use crate::{
-    cache::{CachedKey, KeyCache},
-    store::{DynStore, StoreError},
-};
+use super::cache::{CachedKey, KeyCache};
+use crate::store::{DynStore, StoreError};
 
 /// At most this many ids in one query; the rest wait for the next.
 const MAX_IDS_PER_READ: usize = 500;

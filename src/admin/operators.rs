@@ -6,39 +6,17 @@ use std::{net::IpAddr, sync::Arc};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
+    admin::AdminError,
+    auth::{
+        passwords::{PasswordCheck, Passwords},
+        rate_limit::FailureLimiter,
+    },
     domain::{
         credentials::parse_authorization,
         validation::{check_password, parse_username},
     },
-    passwords::{PasswordCheck, PasswordCheckError, Passwords},
-    rate_limit::FailureLimiter,
     store::{DynStore, StoreError},
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum OperatorAuthError {
-    #[error("{0}")]
-    Unauthenticated(&'static str),
-    /// The caller's address spent its budget of failed sign-ins (still `UNAUTHENTICATED`).
-    #[error("too many failed sign-ins from this address: retry in {0} s")]
-    TooManyFailures(u64),
-    #[error("the key store is unavailable")]
-    Unavailable(#[source] PasswordCheckError),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum UserAdminError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error("user {0:?} already exists")]
-    Exists(String),
-    #[error("no user named {0:?}")]
-    NotFound(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("argon2 is overloaded")]
-    Overloaded,
-}
 
 pub struct Operators {
     store: DynStore,
@@ -64,14 +42,14 @@ impl Operators {
         &self,
         header: Option<&[u8]>,
         peer: Option<IpAddr>,
-    ) -> Result<String, OperatorAuthError> {
+    ) -> Result<String, AdminError> {
         let credentials = parse_authorization(header).map_err(|_| {
-            OperatorAuthError::Unauthenticated(
+            AdminError::Unauthenticated(
                 "KeyAdmin requires `authorization: Basic base64(user:password)` metadata of an active user",
             )
         })?;
         let Some(username) = credentials.username() else {
-            return Err(OperatorAuthError::Unauthenticated(
+            return Err(AdminError::Unauthenticated(
                 "KeyAdmin accepts only Basic username/password credentials, not bearer tokens",
             ));
         };
@@ -79,15 +57,15 @@ impl Operators {
             .passwords
             .check(username, credentials.secret(), Some((&self.sign_ins, peer)))
             .await
-            .map_err(OperatorAuthError::Unavailable)?
+            .map_err(AdminError::from)?
         {
             PasswordCheck::Valid => Ok(username.to_owned()),
-            PasswordCheck::Invalid => Err(OperatorAuthError::Unauthenticated(
-                "invalid username or password",
-            )),
-            PasswordCheck::RateLimited(wait) => Err(OperatorAuthError::TooManyFailures(
-                wait.as_secs_f64().ceil() as u64,
-            )),
+            PasswordCheck::Invalid => {
+                Err(AdminError::Unauthenticated("invalid username or password"))
+            }
+            PasswordCheck::RateLimited(wait) => {
+                Err(AdminError::TooManyFailures(wait.as_secs_f64().ceil() as u64))
+            }
         }
     }
 
@@ -95,33 +73,33 @@ impl Operators {
         &self,
         username: &str,
         password: &SecretString,
-    ) -> Result<(), UserAdminError> {
-        let username = parse_username(username).map_err(|e| UserAdminError::Invalid(e.0))?;
+    ) -> Result<(), AdminError> {
+        let username = parse_username(username).map_err(|e| AdminError::InvalidArgument(e.0))?;
         let hash = self.hash_new_password(password).await?;
         match self.store.create_user(&username, &hash).await {
             Ok(()) => Ok(()),
-            Err(StoreError::UserExists) => Err(UserAdminError::Exists(username)),
+            Err(StoreError::UserExists) => Err(AdminError::UserExists(username)),
             Err(error) => Err(error.into()),
         }
     }
 
     /// Checks a new password's length and hashes it with the configured parameters.
-    async fn hash_new_password(&self, password: &SecretString) -> Result<String, UserAdminError> {
-        check_password(password.expose_secret()).map_err(|e| UserAdminError::Invalid(e.0))?;
+    async fn hash_new_password(&self, password: &SecretString) -> Result<String, AdminError> {
+        check_password(password.expose_secret()).map_err(|e| AdminError::InvalidArgument(e.0))?;
         self.passwords
             .hash(password.clone())
             .await
-            .map_err(|_| UserAdminError::Overloaded)
+            .map_err(|_| AdminError::Overloaded)
     }
 
     pub async fn set_password(
         &self,
         username: &str,
         password: &SecretString,
-    ) -> Result<(), UserAdminError> {
+    ) -> Result<(), AdminError> {
         let hash = self.hash_new_password(password).await?;
         if !self.store.set_user_password(username, &hash).await? {
-            return Err(UserAdminError::NotFound(username.to_owned()));
+            return Err(AdminError::UserNotFound(username.to_owned()));
         }
         self.passwords.invalidate_users();
         Ok(())
@@ -132,14 +110,14 @@ impl Operators {
         &self,
         username: &str,
         password: &SecretString,
-    ) -> Result<bool, UserAdminError> {
+    ) -> Result<bool, AdminError> {
         if self.store.count_users().await? > 0 {
             return Ok(false);
         }
         match self.add_user(username, password).await {
             Ok(()) => Ok(true),
             // Another replica bootstrapped the same user at the same moment.
-            Err(UserAdminError::Exists(_)) => Ok(false),
+            Err(AdminError::UserExists(_)) => Ok(false),
             Err(error) => Err(error),
         }
     }

@@ -1,0 +1,73 @@
+//! The listeners' TLS, loaded and checked once at start-up: a bad certificate, key or CA
+//! file is a start-up error naming the file, not a stream of failed handshakes.
+
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use super::StartupError;
+use crate::config::ServeArgs;
+
+/// How long a client may take to complete its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS of the two gRPC listeners (`None`: plaintext), read and checked at build time.
+#[derive(Clone, Default)]
+pub(super) struct ListenerTls {
+    pub(super) main: Option<ServerTlsConfig>,
+    pub(super) admin: Option<ServerTlsConfig>,
+}
+
+impl ListenerTls {
+    pub(super) fn load(settings: &ServeArgs) -> Result<Self, StartupError> {
+        let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
+            return Ok(Self::default());
+        };
+        // Each file must hold the PEM blocks it is for: the TLS library's own complaint about
+        // a wrong file ("peer sent no certificates") would not say which file is wrong.
+        let read = |path: &std::path::PathBuf, what: &'static str, marker: &str| {
+            let pem = std::fs::read(path).map_err(|source| StartupError::TlsFile {
+                path: path.clone(),
+                source,
+            })?;
+            if String::from_utf8_lossy(&pem).contains(marker) {
+                Ok(pem)
+            } else {
+                Err(StartupError::TlsPem {
+                    path: path.clone(),
+                    what,
+                })
+            }
+        };
+        const CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----";
+        const PRIVATE_KEY: &str = "PRIVATE KEY-----";
+        let identity = Identity::from_pem(
+            read(cert, "certificate", CERTIFICATE)?,
+            read(key, "private key", PRIVATE_KEY)?,
+        );
+        let main = ServerTlsConfig::new()
+            .identity(identity)
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
+        let mut admin = main.clone();
+        if let Some(ca) = &settings.admin_tls_client_ca {
+            admin = admin.client_ca_root(Certificate::from_pem(read(
+                ca,
+                "CA certificate",
+                CERTIFICATE,
+            )?));
+        }
+        // Parse now: a bad certificate, key or CA is a start-up error, not failed handshakes.
+        for (listener, config) in [("main", &main), ("admin", &admin)] {
+            Server::builder()
+                .tls_config(config.clone())
+                .map_err(|error| StartupError::Tls {
+                    listener,
+                    message: crate::cli::error_chain(&error),
+                })?;
+        }
+        Ok(Self {
+            main: Some(main),
+            admin: Some(admin),
+        })
+    }
+}
