@@ -3,15 +3,15 @@
 //! Layers, from the inside out, each depending only on those before it (docs/ARCHITECTURE.md):
 //! `domain` (pure logic: the key format, credentials, digests, the decision's rules), `store`
 //! (persistence), `metrics`, the use cases (`auth`: deciding a request; `admin`: managing keys
-//! and operators), the adapters (`grpc`, `cli`), and `app`, which wires a process together.
+//! and operators), the adapters (`grpc`, `cli`), and `app`, which wires a process together from its `settings`.
 
 pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cli;
-pub mod config;
 pub mod domain;
 pub mod grpc;
 pub mod metrics;
+pub mod settings;
 pub mod store;
 pub mod telemetry;

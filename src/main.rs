@@ -5,8 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use keygate::{
     app::{Application, shutdown_signal},
-    cli,
-    config::{Cli, Command},
+    cli::{
+        self,
+        args::{Cli, Command, ServeArgs},
+    },
     telemetry,
 };
 
@@ -30,8 +32,9 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: keygate::config::ServeArgs) -> cli::CliResult {
-    let app = Application::build(args).await?;
+async fn serve(args: ServeArgs) -> cli::CliResult {
+    // Checked before anything is opened: a failed start-up creates no files.
+    let app = Application::build(args.into_settings()?).await?;
     app.run_until_stopped(shutdown_signal()).await?;
     Ok(())
 }

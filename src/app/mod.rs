@@ -26,7 +26,6 @@ use tonic::{
 use tonic_health::ServingStatus;
 
 use crate::{
-    config::ServeArgs,
     domain::hashing::InvalidHashParams,
     grpc::{
         authorizer::AuthorizerService,
@@ -36,6 +35,7 @@ use crate::{
         proto::{authorizer_server::AuthorizerServer, key_admin_server::KeyAdminServer},
         reflection::{ENVOY_AUTHORIZATION_SERVICE, add_reflection, envoy_ext_authz_descriptors},
     },
+    settings::Settings,
     store::{self, DynStore, StoreError},
 };
 use listener::{ConnectionBounds, TrackRequestsLayer, bounded_incoming};
@@ -57,8 +57,6 @@ pub enum StartupError {
     Store(#[from] StoreError),
     #[error("cannot build server reflection: {0}")]
     Reflection(String),
-    #[error("{0}")]
-    Config(String),
     #[error("server failed: {0}")]
     Serve(String),
     #[error("cannot read {path}: {source}")]
@@ -85,7 +83,7 @@ const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 /// A bound, not yet running keygate. Binding happens in `build`, so tests can ask for port 0
 /// and read the real ports before running it.
 pub struct Application {
-    settings: ServeArgs,
+    settings: Settings,
     services: Services,
     tls: ListenerTls,
     main_listener: TcpListener,
@@ -95,22 +93,15 @@ pub struct Application {
 
 impl Application {
     /// Opens the store the settings name (without waiting for it to answer) and binds.
-    pub async fn build(settings: ServeArgs) -> Result<Self, StartupError> {
-        // Settings are checked before the store exists: a failed start-up creates no files.
-        settings
-            .bootstrap_operator()
-            .map_err(StartupError::Config)?;
-        let store = store::connect(&settings.database.resolved_url()).await?;
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let store = store::connect(&settings.database_url).await?;
         Self::build_with_store(settings, store).await
     }
 
     pub async fn build_with_store(
-        settings: ServeArgs,
+        settings: Settings,
         store: DynStore,
     ) -> Result<Self, StartupError> {
-        settings
-            .bootstrap_operator()
-            .map_err(StartupError::Config)?;
         let tls = ListenerTls::load(&settings)?;
         let services = Services::build(&settings, store)?;
         let bind = |addr: SocketAddr| async move {
@@ -266,7 +257,7 @@ impl Application {
                     .tls_config(config)
                     .map_err(|error| StartupError::Tls {
                         listener,
-                        message: crate::cli::error_chain(&error),
+                        message: crate::telemetry::error_chain(&error),
                     })?,
                 None => builder,
             };
@@ -341,7 +332,6 @@ impl Application {
     }
 }
 
-/// Reports `status` for the whole server and for each service it can serve.
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();

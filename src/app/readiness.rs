@@ -7,8 +7,9 @@ use tokio::sync::watch;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use super::{AUTHORIZER_SERVICE, KEY_ADMIN_SERVICE, Services, StartupError};
-use crate::{admin::AdminError, config::ServeArgs, grpc::reflection::ENVOY_AUTHORIZATION_SERVICE};
+use crate::{admin::AdminError, grpc::reflection::ENVOY_AUTHORIZATION_SERVICE, settings::Settings};
 
+/// Reports `status` for the whole server and for each service it can serve.
 pub(super) async fn set_every_service(health: &HealthReporter, status: ServingStatus) {
     for service in [
         "",
@@ -24,7 +25,7 @@ pub(super) async fn set_every_service(health: &HealthReporter, status: ServingSt
 /// SERVING, then keeps KeyAdmin's health in step with the store's reachability.
 pub(super) async fn readiness(
     services: Arc<Services>,
-    settings: ServeArgs,
+    settings: Settings,
     health: HealthReporter,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -75,10 +76,11 @@ pub(super) async fn readiness(
     }
 }
 
-async fn prepare_store(services: &Services, settings: &ServeArgs) -> Result<(), StartupError> {
+async fn prepare_store(services: &Services, settings: &Settings) -> Result<(), StartupError> {
     services.store.migrate().await?;
-    if let Ok(Some((user, password))) = settings.bootstrap_operator() {
-        match services.operators.bootstrap(user, password).await {
+    if let Some(operator) = &settings.bootstrap_operator {
+        let user = &operator.username;
+        match services.operators.bootstrap(user, &operator.password).await {
             Ok(true) => tracing::info!(user, "created the bootstrap operator"),
             Ok(false) => {}
             Err(AdminError::Unavailable(error) | AdminError::Internal(error)) => {

@@ -15,9 +15,9 @@ use crate::{
         rate_limit::{FailureBudget, FailureLimiter},
         usage::UsageRecorder,
     },
-    config::ServeArgs,
     domain::hashing::SecretHasher,
     metrics::Metrics,
+    settings::Settings,
     store::DynStore,
 };
 
@@ -34,12 +34,12 @@ pub struct Services {
 }
 
 impl Services {
-    pub fn build(settings: &ServeArgs, store: DynStore) -> Result<Self, StartupError> {
+    pub fn build(settings: &Settings, store: DynStore) -> Result<Self, StartupError> {
         let metrics = Metrics::new();
-        let hasher = SecretHasher::new(settings.hashing.params())?;
+        let hasher = SecretHasher::new(settings.hashing)?;
         let argon = ArgonPool::new(
             hasher,
-            settings.argon2_workers(),
+            settings.argon2_workers,
             settings.argon2_max_queue,
             settings.argon2_nice,
             metrics.clone(),
@@ -47,8 +47,8 @@ impl Services {
         // Version-1 keys' first uses get workers of their own: operators' sign-ins (a guesser
         // among them) never queue in front of a key, nor a key's upgrade in front of them.
         let key_argon = ArgonPool::new(
-            SecretHasher::new(settings.hashing.params())?,
-            settings.argon2_workers(),
+            SecretHasher::new(settings.hashing)?,
+            settings.argon2_workers,
             settings.argon2_max_queue,
             settings.argon2_nice,
             metrics.clone(),

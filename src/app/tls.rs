@@ -6,7 +6,7 @@ use std::time::Duration;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use super::StartupError;
-use crate::config::ServeArgs;
+use crate::settings::Settings;
 
 /// How long a client may take to complete its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -19,7 +19,7 @@ pub(super) struct ListenerTls {
 }
 
 impl ListenerTls {
-    pub(super) fn load(settings: &ServeArgs) -> Result<Self, StartupError> {
+    pub(super) fn load(settings: &Settings) -> Result<Self, StartupError> {
         let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
             return Ok(Self::default());
         };
@@ -62,7 +62,7 @@ impl ListenerTls {
                 .tls_config(config.clone())
                 .map_err(|error| StartupError::Tls {
                     listener,
-                    message: crate::cli::error_chain(&error),
+                    message: crate::telemetry::error_chain(&error),
                 })?;
         }
         Ok(Self {

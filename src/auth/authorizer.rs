@@ -400,7 +400,7 @@ fn rate_limited(retry_after: std::time::Duration) -> Decision {
 mod tests {
     use std::sync::Arc;
 
-    use crate::{app::Services, config::ServeArgs, metrics::Transport, store::SqliteStore};
+    use crate::{app::Services, metrics::Transport, settings::Settings, store::SqliteStore};
 
     /// Every request's future is allocated (tonic boxes the handler's) and moved; the argon2
     /// paths' futures are kilobytes (moka's coalescing, the worker pool), so they are boxed and
@@ -409,7 +409,7 @@ mod tests {
     #[tokio::test]
     async fn the_hot_path_future_stays_small() {
         let store = Arc::new(SqliteStore::connect("sqlite::memory:").await.unwrap());
-        let services = Services::build(&ServeArgs::from_env(), store).unwrap();
+        let services = Services::build(&Settings::default(), store).unwrap();
         let future = services
             .authorizer
             .authorize(Transport::Envoy, None, Default::default());

@@ -273,11 +273,11 @@ fn metadata(reason: Option<DenyReason>, principal: Option<&Principal>) -> Struct
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{app::Services, config::ServeArgs, store::SqliteStore};
+    use crate::{app::Services, settings::Settings, store::SqliteStore};
 
     async fn service() -> EnvoyAuthorizationService {
         let store = Arc::new(SqliteStore::connect("sqlite::memory:").await.unwrap());
-        let services = Services::build(&ServeArgs::from_env(), store).unwrap();
+        let services = Services::build(&Settings::default(), store).unwrap();
         EnvoyAuthorizationService::new(
             services.authorizer.clone(),
             CheckOptions {

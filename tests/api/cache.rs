@@ -326,8 +326,10 @@ async fn a_cached_key_still_expires_on_time(backend: TestBackend) {
         allowed_count >= 3,
         "the key was used (and cached) before it expired: {allowed_count} allows"
     );
+    // On Postgres, CreateKey's own change notification may arrive after the first use and
+    // drop the entry once more: at most two allows are store reads.
     assert!(
-        cache_hits(&app).await >= hits_before + f64::from(allowed_count - 1),
+        cache_hits(&app).await >= hits_before + f64::from(allowed_count - 2),
         "the allows after the first came from the cache"
     );
     // Expired stays expired, however warm the cache is.

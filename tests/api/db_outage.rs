@@ -74,7 +74,7 @@ async fn a_database_outage_is_survived_from_the_cache_and_recovered_without_a_re
     // Periodic re-validation off (an hour): whatever reaches the cache after the outage must
     // come through the re-established LISTEN connection.
     let app = spawn_app_with(&backend_on(&url).await, |settings| {
-        settings.database.database_url = Some(url.clone());
+        settings.database_url = url.clone();
         settings.revalidate_secs = 3600;
     })
     .await;
@@ -150,7 +150,7 @@ async fn a_database_outage_is_survived_from_the_cache_and_recovered_without_a_re
     cluster.start_on(side_port);
     let side_url = cluster.url_on(side_port);
     let other = spawn_app_with(&backend_on(&side_url).await, |settings| {
-        settings.database.database_url = Some(side_url.clone());
+        settings.database_url = side_url.clone();
     })
     .await;
     assert!(!other.set_enabled(victim.id, false).await.enabled);
@@ -210,7 +210,7 @@ async fn a_database_outage_is_survived_from_the_cache_and_recovered_without_a_re
     // its re-established LISTEN connection.
     let notifications_before = notification_count(&app).await;
     let second = spawn_app_with(&backend_on(&url).await, |settings| {
-        settings.database.database_url = Some(url.clone());
+        settings.database_url = url.clone();
     })
     .await;
     let good_id = app.authorize(&bearer(&good)).await.key_id;

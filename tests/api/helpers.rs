@@ -10,11 +10,11 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use base64::Engine as _;
 use keygate::{
     app::Application,
-    config::ServeArgs,
     grpc::proto::{
         self, ApiKey, AuthorizeRequest, AuthorizeResponse, CreateKeyRequest,
         authorizer_client::AuthorizerClient, key_admin_client::KeyAdminClient,
     },
+    settings::{BootstrapOperator, Settings},
     store::{DynStore, PostgresStore, SqliteStore},
 };
 use secrecy::SecretString;
@@ -114,16 +114,19 @@ impl TestBackend {
 
 /// Settings for a test server: random loopback ports, the bootstrap operator, production
 /// argon2 parameters.
-pub fn test_settings() -> ServeArgs {
-    let mut settings = ServeArgs::from_env();
+pub fn test_settings() -> Settings {
     let any_port: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    settings.listen = any_port;
-    settings.admin_listen = any_port;
-    settings.metrics_listen = any_port;
-    settings.admin_user = Some(ADMIN_USER.to_owned());
-    settings.admin_password = Some(SecretString::from(ADMIN_PASSWORD.to_owned()));
-    settings.shutdown_grace_secs = 5;
-    settings
+    Settings {
+        listen: any_port,
+        admin_listen: any_port,
+        metrics_listen: any_port,
+        bootstrap_operator: Some(BootstrapOperator {
+            username: ADMIN_USER.to_owned(),
+            password: SecretString::from(ADMIN_PASSWORD.to_owned()),
+        }),
+        shutdown_grace_secs: 5,
+        ..Settings::default()
+    }
 }
 
 pub struct TestApp {
@@ -165,7 +168,7 @@ pub async fn spawn_app(backend: &TestBackend) -> TestApp {
 }
 
 /// Starts keygate on `backend` with adjusted settings and waits until it reports SERVING.
-pub async fn spawn_app_with(backend: &TestBackend, adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
+pub async fn spawn_app_with(backend: &TestBackend, adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = test_settings();
     adjust(&mut settings);
     let app = Application::build_with_store(settings, backend.store().await)

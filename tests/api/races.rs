@@ -26,7 +26,7 @@ use crate::{
 
 const CREATORS: usize = 16;
 
-fn no_rate_limit(settings: &mut keygate::config::ServeArgs) {
+fn no_rate_limit(settings: &mut keygate::settings::Settings) {
     settings.rate_limit_per_minute = 0;
 }
 

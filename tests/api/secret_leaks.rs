@@ -243,8 +243,8 @@ async fn scenario(backend: TestBackend, format: &str) {
     let material = keygate::domain::key::KeyMaterial::generate();
     transcript.add("KeyMaterial Debug", format!("{material:?}"));
     let mut settings = test_settings();
-    settings.database.database_url = Some(url.clone());
-    transcript.add("ServeArgs Debug", format!("{settings:?}"));
+    settings.database_url = url.clone();
+    transcript.add("Settings Debug", format!("{settings:?}"));
 
     // The logs, after a graceful stop.
     let status = keygate.process.terminate(Duration::from_secs(30)).await;

@@ -1,19 +1,22 @@
 //! The operator commands besides `serve`: `keygate user add|passwd` (directly against the
-//! database), `keygate keys …` (a KeyAdmin client) and `keygate healthcheck`.
+//! database), `keygate keys …` (a KeyAdmin client) and `keygate healthcheck`; and the command
+//! line itself (`args`).
+
+pub mod args;
 
 use std::io::{BufRead, IsTerminal};
 
 use base64::Engine as _;
-use chrono::{DateTime, Utc};
-use clap::{Args, Subcommand};
+use chrono::DateTime;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
+use args::{ClientTlsArgs, HealthcheckArgs, KeysArgs, KeysCommand, UserArgs, UserCommand};
+
 use crate::{
     admin::operators::Operators,
     auth::{argon_pool::ArgonPool, passwords::Passwords},
-    config::{ClientTlsArgs, HealthcheckArgs, UserArgs, UserCommand},
     domain::hashing::SecretHasher,
     grpc::{
         convert::timestamp,
@@ -123,9 +126,12 @@ pub async fn connect(
         if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
             config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
         }
-        endpoint = endpoint
-            .tls_config(config)
-            .map_err(|e| format!("invalid TLS settings: {}", error_chain(&e)))?;
+        endpoint = endpoint.tls_config(config).map_err(|e| {
+            format!(
+                "invalid TLS settings: {}",
+                crate::telemetry::error_chain(&e)
+            )
+        })?;
     } else if tls.ca_cert.is_some() || tls.client_cert.is_some() {
         return Err("--ca-cert and --client-cert need an https:// address".into());
     }
@@ -134,75 +140,12 @@ pub async fn connect(
         .timeout(timeout)
         .connect()
         .await
-        .map_err(|error| format!("cannot connect to {addr}: {}", error_chain(&error)))
-}
-
-/// An error and its sources, as one line (tonic's transport errors say little on their own).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-#[derive(Debug, Args)]
-pub struct KeysArgs {
-    /// KeyAdmin endpoint.
-    #[arg(
-        long,
-        env = "KEYGATE_ADMIN_ADDR",
-        default_value = "http://127.0.0.1:50052",
-        global = true
-    )]
-    pub admin_addr: String,
-    /// Operator username; the password comes from KEYGATE_PASSWORD or a prompt.
-    #[arg(long, env = "KEYGATE_USER", default_value = "admin", global = true)]
-    pub user: String,
-    /// Machine-readable output.
-    #[arg(long, global = true)]
-    pub json: bool,
-    #[command(flatten)]
-    pub tls: ClientTlsArgs,
-    #[command(subcommand)]
-    pub command: KeysCommand,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum KeysCommand {
-    /// Create a key; prints the clear key once.
-    Create {
-        #[arg(long)]
-        name: String,
-        /// RFC 3339, e.g. 2027-01-01T00:00:00Z; omit for a key that never expires.
-        #[arg(long, value_parser = parse_rfc3339)]
-        expires_at: Option<DateTime<Utc>>,
-    },
-    /// List every key, expired ones included.
-    List,
-    Get {
-        id: i64,
-    },
-    Enable {
-        id: i64,
-    },
-    Disable {
-        id: i64,
-    },
-    Delete {
-        id: i64,
-    },
-    /// Whether basic auth is locked out (API keys only) and since when.
-    AuthMode,
-}
-
-fn parse_rfc3339(value: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(value)
-        .map(|at| at.with_timezone(&Utc))
-        .map_err(|e| format!("not an RFC 3339 time ({e}); example: 2027-01-01T00:00:00Z"))
+        .map_err(|error| {
+            format!(
+                "cannot connect to {addr}: {}",
+                crate::telemetry::error_chain(&error)
+            )
+        })
 }
 
 pub async fn run_keys_command(args: KeysArgs) -> CliResult {

@@ -1,12 +1,18 @@
-//! Command line and environment: every setting is a flag with a matching `KEYGATE_*` variable.
-//! Values are parsed here, so a bad one is a clear start-up error, never a silent default.
+//! The command line: every setting is a flag with a matching `KEYGATE_*` variable. Values are
+//! parsed here, so a bad one is a clear start-up error, never a silent default; `ServeArgs`
+//! then becomes the plain `Settings` the service is built from.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
 
-use crate::domain::{credentials::TrustedProxies, hashing::HashParams, key::KeyPrefix};
+use crate::{
+    domain::{credentials::TrustedProxies, hashing::HashParams, key::KeyPrefix},
+    settings::{BootstrapOperator, Settings, default_argon2_workers, defaults},
+    telemetry::LogFormat,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,7 +39,7 @@ pub enum Command {
     #[command(subcommand)]
     User(UserCommand),
     /// KeyAdmin client: manage API keys on a running keygate.
-    Keys(crate::cli::KeysArgs),
+    Keys(KeysArgs),
     /// Exit 0 when the server at --addr reports SERVING over grpc.health.v1 (for containers).
     Healthcheck(HealthcheckArgs),
 }
@@ -87,13 +93,6 @@ pub struct ClientTlsArgs {
     pub client_key: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct LogArgs {
     /// Log format; the level comes from RUST_LOG (default info).
@@ -124,7 +123,10 @@ impl DatabaseArgs {
                     .ok()
                     .filter(|url| !url.is_empty())
             })
-            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("keygate.db").display()))
+            .unwrap_or_else(|| {
+                let file = self.data_dir.join(defaults::DATABASE_FILE);
+                format!("sqlite://{}", file.display())
+            })
     }
 }
 
@@ -132,13 +134,13 @@ impl DatabaseArgs {
 pub struct HashingArgs {
     /// argon2id memory cost of new hashes, in KiB (OWASP recommends 19456 with 2 iterations;
     /// 7168 with 5 iterations is its smallest configuration, and the smallest accepted).
-    #[arg(long, env = "KEYGATE_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024, value_parser = clap::value_parser!(u32).range(7168..))]
+    #[arg(long, env = "KEYGATE_ARGON2_MEMORY_KIB", default_value_t = HashParams::default().memory_kib, value_parser = clap::value_parser!(u32).range(7168..))]
     pub argon2_memory_kib: u32,
     /// argon2id iterations of new hashes.
-    #[arg(long, env = "KEYGATE_ARGON2_ITERATIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "KEYGATE_ARGON2_ITERATIONS", default_value_t = HashParams::default().iterations, value_parser = clap::value_parser!(u32).range(1..))]
     pub argon2_iterations: u32,
     /// argon2id lanes of new hashes.
-    #[arg(long, env = "KEYGATE_ARGON2_PARALLELISM", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    #[arg(long, env = "KEYGATE_ARGON2_PARALLELISM", default_value_t = HashParams::default().parallelism, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub argon2_parallelism: u32,
 }
 
@@ -159,13 +161,13 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub hashing: HashingArgs,
     /// Authorizer, Envoy Check, health and reflection.
-    #[arg(long, env = "KEYGATE_LISTEN", default_value = "0.0.0.0:50051")]
+    #[arg(long, env = "KEYGATE_LISTEN", default_value = defaults::LISTEN)]
     pub listen: SocketAddr,
     /// KeyAdmin, health and reflection.
-    #[arg(long, env = "KEYGATE_ADMIN_LISTEN", default_value = "127.0.0.1:50052")]
+    #[arg(long, env = "KEYGATE_ADMIN_LISTEN", default_value = defaults::ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
     /// keygate's own Prometheus metrics, `GET /metrics`.
-    #[arg(long, env = "KEYGATE_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    #[arg(long, env = "KEYGATE_METRICS_LISTEN", default_value = defaults::METRICS_LISTEN)]
     pub metrics_listen: SocketAddr,
     /// Created at start-up when the store has no user at all, with the password of
     /// KEYGATE_ADMIN_PASSWORD or --admin-password-file.
@@ -180,32 +182,32 @@ pub struct ServeArgs {
     pub admin_password: Option<SecretString>,
     /// Peers whose report of the client address (Authorize's `client_address`, Check's source
     /// address) is believed; from any other peer, the peer itself is the client.
-    #[arg(long, env = "KEYGATE_TRUSTED_PROXIES", default_value = "127.0.0.0/8,::1", value_parser = TrustedProxies::parse)]
+    #[arg(long, env = "KEYGATE_TRUSTED_PROXIES", default_value = defaults::TRUSTED_PROXIES, value_parser = TrustedProxies::parse)]
     pub trusted_proxies: TrustedProxies,
     /// Open connections each listener holds; a peer connecting beyond it is disconnected at
     /// once.
-    #[arg(long, env = "KEYGATE_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "KEYGATE_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
     /// Concurrent requests (HTTP/2 streams) per connection; a gateway opens another connection
     /// beyond it.
-    #[arg(long, env = "KEYGATE_MAX_STREAMS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "KEYGATE_MAX_STREAMS_PER_CONNECTION", default_value_t = defaults::MAX_STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,
     /// Milliseconds a new connection has to send its first complete request (TLS and HTTP/2
     /// handshakes included) before it is closed.
-    #[arg(long, env = "KEYGATE_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "KEYGATE_HANDSHAKE_TIMEOUT_MS", default_value_t = defaults::HANDSHAKE_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
     pub handshake_timeout_ms: u64,
     /// Seconds a connection may go without a request before it is closed.
-    #[arg(long, env = "KEYGATE_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "KEYGATE_IDLE_TIMEOUT_SECS", default_value_t = defaults::IDLE_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout_secs: u64,
     /// Milliseconds one request may take, its body included, before it fails with
     /// DEADLINE_EXCEEDED and its stream is released.
-    #[arg(long, env = "KEYGATE_REQUEST_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "KEYGATE_REQUEST_TIMEOUT_MS", default_value_t = defaults::REQUEST_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_ms: u64,
     /// Prefix of new API keys (and of the keys accepted).
-    #[arg(long, env = "KEYGATE_KEY_PREFIX", default_value = "uk", value_parser = KeyPrefix::parse)]
+    #[arg(long, env = "KEYGATE_KEY_PREFIX", default_value = defaults::KEY_PREFIX, value_parser = KeyPrefix::parse)]
     pub key_prefix: KeyPrefix,
     /// Realm of the `WWW-Authenticate: Basic` challenge sent through Envoy.
-    #[arg(long, env = "KEYGATE_REALM", default_value = "keygate")]
+    #[arg(long, env = "KEYGATE_REALM", default_value = defaults::REALM)]
     pub realm: String,
     /// Remove the Authorization header from requests Envoy lets through.
     #[arg(long, env = "KEYGATE_STRIP_AUTHORIZATION", default_value_t = true, action = clap::ArgAction::Set)]
@@ -218,31 +220,31 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYGATE_ARGON2_WORKERS", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub argon2_workers: Option<u32>,
     /// argon2 jobs allowed to wait; beyond this a request gets UNAVAILABLE instead of queueing.
-    #[arg(long, env = "KEYGATE_ARGON2_MAX_QUEUE", default_value_t = 1024)]
+    #[arg(long, env = "KEYGATE_ARGON2_MAX_QUEUE", default_value_t = defaults::ARGON2_MAX_QUEUE)]
     pub argon2_max_queue: usize,
     /// Lower the argon2 threads' scheduling priority by this much (Linux nice, 0..=19): keeps
     /// cached keys fast under a flood of wrong secrets, but slows first uses on a busy CPU.
     #[arg(long, env = "KEYGATE_ARGON2_NICE", default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub argon2_nice: i32,
     /// Keys held in the verified-credential cache.
-    #[arg(long, env = "KEYGATE_CACHE_CAPACITY", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "KEYGATE_CACHE_CAPACITY", default_value_t = defaults::CACHE_CAPACITY, value_parser = clap::value_parser!(u64).range(1..))]
     pub cache_capacity: u64,
     /// Seconds between re-validations of every cached key against the store (bounds
     /// staleness when a change notification is missed).
-    #[arg(long, env = "KEYGATE_REVALIDATE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    #[arg(long, env = "KEYGATE_REVALIDATE_SECS", default_value_t = defaults::REVALIDATE_SECS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub revalidate_secs: u64,
     /// Failed verifications a client address may make in a burst before RATE_LIMITED.
-    #[arg(long, env = "KEYGATE_RATE_LIMIT_BURST", default_value_t = 20)]
+    #[arg(long, env = "KEYGATE_RATE_LIMIT_BURST", default_value_t = defaults::RATE_LIMIT_BURST)]
     pub rate_limit_burst: u32,
     /// Failed verifications per minute a client address regains; 0 disables the limiter.
-    #[arg(long, env = "KEYGATE_RATE_LIMIT_PER_MINUTE", default_value_t = 30)]
+    #[arg(long, env = "KEYGATE_RATE_LIMIT_PER_MINUTE", default_value_t = defaults::RATE_LIMIT_PER_MINUTE)]
     pub rate_limit_per_minute: u32,
     /// On SIGTERM, seconds to report NOT_SERVING before closing listeners, so load balancers
     /// stop sending new requests first.
     #[arg(long, env = "KEYGATE_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
     pub shutdown_delay_secs: u64,
     /// On SIGTERM, seconds in-flight RPCs get to finish.
-    #[arg(long, env = "KEYGATE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    #[arg(long, env = "KEYGATE_SHUTDOWN_GRACE_SECS", default_value_t = defaults::SHUTDOWN_GRACE_SECS)]
     pub shutdown_grace_secs: u64,
     /// PEM certificate chain: the main and admin listeners then speak TLS only (with
     /// --tls-key). The metrics listener stays plain HTTP.
@@ -258,41 +260,51 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The defaults with only the process environment applied (tests start from this).
-    pub fn from_env() -> Self {
-        #[derive(Parser)]
-        struct Only {
-            #[command(flatten)]
-            serve: ServeArgs,
-        }
-        Only::parse_from(["keygate"]).serve
-    }
-
-    /// The operator to create at start-up, if any: a user and a password, or neither.
-    pub fn bootstrap_operator(&self) -> Result<Option<(&str, &SecretString)>, String> {
-        let password = self
-            .admin_password_file
-            .as_ref()
-            .or(self.admin_password.as_ref());
-        match (self.admin_user.as_deref(), password) {
-            (Some(user), Some(password)) => Ok(Some((user, password))),
-            (None, None) => Ok(None),
-            (Some(_), None) => Err("KEYGATE_ADMIN_USER needs KEYGATE_ADMIN_PASSWORD or \
-                                    --admin-password-file"
-                .into()),
-            (None, Some(_)) => Err("a bootstrap password needs KEYGATE_ADMIN_USER".into()),
-        }
-    }
-
-    pub fn revalidate_interval(&self) -> Duration {
-        Duration::from_secs(self.revalidate_secs)
-    }
-
-    pub fn argon2_workers(&self) -> usize {
-        self.argon2_workers.map(|n| n as usize).unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| (n.get() / 2).max(1))
-                .unwrap_or(1)
+    /// The settings these arguments name. Fails when only one half of the bootstrap operator
+    /// is given.
+    pub fn into_settings(self) -> Result<Settings, String> {
+        let password = self.admin_password_file.or(self.admin_password);
+        let bootstrap_operator = match (self.admin_user, password) {
+            (Some(username), Some(password)) => Some(BootstrapOperator { username, password }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err("KEYGATE_ADMIN_USER needs KEYGATE_ADMIN_PASSWORD or \
+                            --admin-password-file"
+                    .into());
+            }
+            (None, Some(_)) => return Err("a bootstrap password needs KEYGATE_ADMIN_USER".into()),
+        };
+        Ok(Settings {
+            database_url: self.database.resolved_url(),
+            hashing: self.hashing.params(),
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            metrics_listen: self.metrics_listen,
+            bootstrap_operator,
+            trusted_proxies: self.trusted_proxies,
+            max_connections: self.max_connections,
+            max_streams_per_connection: self.max_streams_per_connection,
+            handshake_timeout_ms: self.handshake_timeout_ms,
+            idle_timeout_secs: self.idle_timeout_secs,
+            request_timeout_ms: self.request_timeout_ms,
+            key_prefix: self.key_prefix,
+            realm: self.realm,
+            strip_authorization: self.strip_authorization,
+            envoy_allow_metadata: self.envoy_allow_metadata,
+            argon2_workers: self
+                .argon2_workers
+                .map_or_else(default_argon2_workers, |n| n as usize),
+            argon2_max_queue: self.argon2_max_queue,
+            argon2_nice: self.argon2_nice,
+            cache_capacity: self.cache_capacity,
+            revalidate_secs: self.revalidate_secs,
+            rate_limit_burst: self.rate_limit_burst,
+            rate_limit_per_minute: self.rate_limit_per_minute,
+            shutdown_delay_secs: self.shutdown_delay_secs,
+            shutdown_grace_secs: self.shutdown_grace_secs,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            admin_tls_client_ca: self.admin_tls_client_ca,
         })
     }
 }
@@ -312,6 +324,62 @@ fn read_password_file(path: &str) -> Result<SecretString, String> {
         return Err(format!("{path} holds no password on its first line"));
     }
     Ok(SecretString::from(password.to_owned()))
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// KeyAdmin endpoint.
+    #[arg(
+        long,
+        env = "KEYGATE_ADMIN_ADDR",
+        default_value = "http://127.0.0.1:50052",
+        global = true
+    )]
+    pub admin_addr: String,
+    /// Operator username; the password comes from KEYGATE_PASSWORD or a prompt.
+    #[arg(long, env = "KEYGATE_USER", default_value = "admin", global = true)]
+    pub user: String,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; prints the clear key once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// RFC 3339, e.g. 2027-01-01T00:00:00Z; omit for a key that never expires.
+        #[arg(long, value_parser = parse_rfc3339)]
+        expires_at: Option<DateTime<Utc>>,
+    },
+    /// List every key, expired ones included.
+    List,
+    Get {
+        id: i64,
+    },
+    Enable {
+        id: i64,
+    },
+    Disable {
+        id: i64,
+    },
+    Delete {
+        id: i64,
+    },
+    /// Whether basic auth is locked out (API keys only) and since when.
+    AuthMode,
+}
+
+fn parse_rfc3339(value: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(value)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|e| format!("not an RFC 3339 time ({e}); example: 2027-01-01T00:00:00Z"))
 }
 
 #[cfg(test)]
@@ -382,15 +450,17 @@ mod tests {
         ])
         .unwrap();
         assert!(!format!("{cli:?}").contains("hunter2"));
-        let (user, password) = cli.serve.bootstrap_operator().unwrap().unwrap();
-        assert_eq!(user, "admin");
+        let settings = cli.serve.into_settings().unwrap();
+        assert!(!format!("{settings:?}").contains("hunter2"));
+        let operator = settings.bootstrap_operator.unwrap();
+        assert_eq!(operator.username, "admin");
         assert_eq!(
-            secrecy::ExposeSecret::expose_secret(password),
+            secrecy::ExposeSecret::expose_secret(&operator.password),
             "hunter2hunter2"
         );
         let alone = Cli::try_parse_from(["keygate", "--admin-user", "admin"]).unwrap();
         if alone.serve.admin_password.is_none() {
-            assert!(alone.serve.bootstrap_operator().is_err());
+            assert!(alone.serve.into_settings().is_err());
         }
     }
 }
