@@ -12,6 +12,7 @@ pub mod cli;
 pub mod domain;
 pub mod grpc;
 pub mod metrics;
+pub mod pem;
 pub mod settings;
 pub mod store;
 pub mod telemetry;

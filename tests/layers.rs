@@ -13,6 +13,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("domain", 0),
     ("store", 1),
     ("metrics", 1),
+    ("pem", 1),
     ("settings", 1),
     ("telemetry", 1),
     ("auth", 2),

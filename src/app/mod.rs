@@ -16,7 +16,7 @@ use store_changes::apply_store_changes;
 use tls::ListenerTls;
 use usage_flush::flush_usage;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tonic::{
@@ -59,16 +59,8 @@ pub enum StartupError {
     Reflection(String),
     #[error("server failed: {0}")]
     Serve(String),
-    #[error("cannot read {path}: {source}")]
-    TlsFile {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} holds no PEM {what}")]
-    TlsPem {
-        path: std::path::PathBuf,
-        what: &'static str,
-    },
+    #[error(transparent)]
+    TlsFile(#[from] crate::pem::PemError),
     #[error("invalid TLS settings for the {listener} listener: {message}")]
     Tls {
         listener: &'static str,
@@ -140,6 +132,15 @@ impl Application {
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartupError> {
+        self.run(Box::pin(shutdown)).await
+    }
+
+    /// `run_until_stopped` without its type parameter, so that the whole server is compiled
+    /// once, here, and not again in every crate that starts one.
+    async fn run(
+        self,
+        shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> Result<(), StartupError> {
         let Self {
             settings,

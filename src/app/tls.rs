@@ -6,7 +6,10 @@ use std::time::Duration;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use super::StartupError;
-use crate::settings::Settings;
+use crate::{
+    pem::{PemContents, read_pem},
+    settings::Settings,
+};
 
 /// How long a client may take to complete its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,37 +26,18 @@ impl ListenerTls {
         let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
             return Ok(Self::default());
         };
-        // Each file must hold the PEM blocks it is for: the TLS library's own complaint about
-        // a wrong file ("peer sent no certificates") would not say which file is wrong.
-        let read = |path: &std::path::PathBuf, what: &'static str, marker: &str| {
-            let pem = std::fs::read(path).map_err(|source| StartupError::TlsFile {
-                path: path.clone(),
-                source,
-            })?;
-            if String::from_utf8_lossy(&pem).contains(marker) {
-                Ok(pem)
-            } else {
-                Err(StartupError::TlsPem {
-                    path: path.clone(),
-                    what,
-                })
-            }
-        };
-        const CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----";
-        const PRIVATE_KEY: &str = "PRIVATE KEY-----";
         let identity = Identity::from_pem(
-            read(cert, "certificate", CERTIFICATE)?,
-            read(key, "private key", PRIVATE_KEY)?,
+            read_pem(cert, PemContents::Certificate)?,
+            read_pem(key, PemContents::PrivateKey)?,
         );
         let main = ServerTlsConfig::new()
             .identity(identity)
             .timeout(TLS_HANDSHAKE_TIMEOUT);
         let mut admin = main.clone();
         if let Some(ca) = &settings.admin_tls_client_ca {
-            admin = admin.client_ca_root(Certificate::from_pem(read(
+            admin = admin.client_ca_root(Certificate::from_pem(read_pem(
                 ca,
-                "CA certificate",
-                CERTIFICATE,
+                PemContents::CaCertificate,
             )?));
         }
         // Parse now: a bad certificate, key or CA is a start-up error, not failed handshakes.

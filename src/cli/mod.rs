@@ -109,22 +109,27 @@ pub async fn connect(
     timeout: std::time::Duration,
     tls: &ClientTlsArgs,
 ) -> Result<Channel, String> {
+    use crate::pem::PemContents;
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
     let mut endpoint = Channel::from_shared(addr.to_owned())
         .map_err(|e| format!("{flag} {addr:?} is not a URL ({e}); example: {example}"))?;
     if endpoint.uri().scheme().is_none() {
         return Err(format!("{flag} {addr:?} has no scheme; example: {example}"));
     }
-    let read = |path: &std::path::PathBuf| {
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    let read = |path: &std::path::PathBuf, contents| {
+        crate::pem::read_pem(path, contents).map_err(|error| error.to_string())
     };
     if addr.starts_with("https://") {
         let ca = tls.ca_cert.as_ref().ok_or(
             "an https:// address needs --ca-cert (the CA that signed keygate's certificate)",
         )?;
-        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(ca, PemContents::CaCertificate)?));
         if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
-            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+            config = config.identity(Identity::from_pem(
+                read(cert, PemContents::Certificate)?,
+                read(key, PemContents::PrivateKey)?,
+            ));
         }
         endpoint = endpoint.tls_config(config).map_err(|e| {
             format!(

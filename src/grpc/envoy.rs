@@ -5,6 +5,7 @@
 //! client. A decision that cannot be made is an RPC error (`UNAVAILABLE`), so Envoy's own
 //! `failure_mode_allow` / `status_on_error` decide.
 
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use std::{collections::HashMap, sync::Arc};
 
 use envoy_types::{
@@ -235,15 +236,8 @@ fn lookalikes(request: &CheckRequestView) -> Vec<String> {
 /// Key names are printable UTF-8, but a header value should be visible ASCII: other bytes
 /// (and `%` itself) are percent-encoded, so upstreams get a stable, decodable value.
 fn header_safe(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        if (0x20..0x7f).contains(&byte) && byte != b'%' {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+    const UNSAFE: &AsciiSet = &CONTROLS.add(b'%');
+    utf8_percent_encode(value, UNSAFE).to_string()
 }
 
 /// Envoy files these fields under the ext_authz filter's namespace, so access logs can say

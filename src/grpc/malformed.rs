@@ -6,6 +6,7 @@
 //! client must change. (gRPC's compression document asks for INTERNAL in the second case; for a
 //! service whose operators alert on INTERNAL, what the client sent decides the code.)
 
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use tonic::codegen::http::{HeaderValue, Response};
 
 const INTERNAL: &[u8] = b"13";
@@ -45,7 +46,8 @@ pub fn unreadable_is_invalid_argument<B>(mut response: Response<B>) -> Response<
         return response;
     };
     if let Some(replacement) = replacement {
-        let encoded = percent_encode_spaces(replacement);
+        const SPACES: &AsciiSet = &CONTROLS.add(b' ');
+        let encoded = utf8_percent_encode(replacement, SPACES).to_string();
         headers.insert(
             "grpc-message",
             HeaderValue::from_str(&encoded).expect("an ASCII message"),
@@ -53,11 +55,6 @@ pub fn unreadable_is_invalid_argument<B>(mut response: Response<B>) -> Response<
     }
     headers.insert("grpc-status", HeaderValue::from_static(INVALID_ARGUMENT));
     response
-}
-
-/// The replacements are plain ASCII; only their spaces need encoding in `grpc-message`.
-fn percent_encode_spaces(message: &str) -> String {
-    message.replace(' ', "%20")
 }
 
 #[cfg(test)]
