@@ -16,3 +16,51 @@ pub mod pem;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::{
+    app::{Application, shutdown_signal},
+    cli::args::{Cli, Command, ServeArgs},
+};
+
+/// The `keygate` command: parse the command line, start logging, run the command. It lives
+/// here rather than in `main.rs` so that the server's futures are compiled once, in this
+/// crate: a binary awaiting them would compile them all again.
+pub fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("keygate: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(Cli::parse()))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    telemetry::init(cli.log.log_format);
+    let result = match cli.command {
+        None => serve(cli.serve).await,
+        Some(Command::Serve(args)) => serve(*args).await,
+        Some(Command::User(command)) => cli::run_user_command(command).await,
+        Some(Command::Keys(args)) => cli::run_keys_command(args).await,
+        Some(Command::Healthcheck(args)) => cli::run_healthcheck(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("keygate: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> cli::CliResult {
+    // Checked before anything is opened: a failed start-up creates no files.
+    let app = Application::build(args.into_settings()?).await?;
+    app.run_until_stopped(shutdown_signal()).await?;
+    Ok(())
+}
