@@ -4,10 +4,7 @@ use std::collections::BTreeMap;
 
 use envoy_types::pb::{
     envoy::service::auth::v3::{
-        AttributeContext, CheckRequest, CheckResponse,
-        attribute_context::{HttpRequest, Request as AttributeRequest},
-        authorization_client::AuthorizationClient,
-        check_response::HttpResponse,
+        CheckResponse, authorization_client::AuthorizationClient, check_response::HttpResponse,
     },
     google::protobuf::value::Kind,
 };
@@ -16,8 +13,8 @@ use keygate::grpc::proto::DenyReason;
 use crate::{
     both_backends,
     helpers::{
-        ADMIN_PASSWORD, ADMIN_USER, TestBackend, basic, bearer, channel, metric_value, spawn_app,
-        spawn_app_with,
+        ADMIN_PASSWORD, ADMIN_USER, TestBackend, basic, bearer, channel, check_request,
+        metric_value, spawn_app, spawn_app_with,
     },
 };
 
@@ -95,18 +92,7 @@ async fn deny_reasons_follow_the_decision_order(backend: TestBackend) {
 }
 
 async fn check(app_addr: std::net::SocketAddr, authorization: &str) -> CheckResponse {
-    let request = CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(AttributeRequest {
-                http: Some(HttpRequest {
-                    headers: [("authorization".to_owned(), authorization.to_owned())].into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    };
+    let request = check_request(authorization, None);
     AuthorizationClient::new(channel(app_addr).await)
         .check(request)
         .await

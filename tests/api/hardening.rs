@@ -12,14 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use envoy_types::pb::envoy::{
-    config::core::v3::{Address, SocketAddress, address, socket_address::PortSpecifier},
-    service::auth::v3::{
-        AttributeContext, CheckRequest,
-        attribute_context::{HttpRequest, Peer, Request as AttributeRequest},
-        authorization_client::AuthorizationClient,
-        check_response::HttpResponse,
-    },
+use envoy_types::pb::envoy::service::auth::v3::{
+    authorization_client::AuthorizationClient, check_response::HttpResponse,
 };
 use keygate::{
     domain::credentials::TrustedProxies,
@@ -36,7 +30,7 @@ use tonic::Code;
 use crate::{
     helpers::{
         ADMIN_PASSWORD, ADMIN_USER, TestApp, TestBackend, admin_client, basic, bearer, channel,
-        spawn_app_with,
+        check_request, spawn_app_with,
     },
     processes::{KeygateProcess, free_addr},
 };
@@ -564,30 +558,16 @@ async fn spray(
     (invalid, limited)
 }
 
+/// 30 failures answered as one client's would be: the burst, then RATE_LIMITED.
+#[track_caller]
+fn assert_one_budget((invalid, limited): (usize, usize)) {
+    assert!(invalid <= BURST as usize + 1, "{invalid} failures answered");
+    assert!(limited >= 20, "{limited} rate limited");
+}
+
 /// A Check as a direct caller (no Envoy) would send it, claiming `source` as the client.
 async fn check_status(app: &TestApp, authorization: &str, source: &str) -> u32 {
-    let request = CheckRequest {
-        attributes: Some(AttributeContext {
-            source: Some(Peer {
-                address: Some(Address {
-                    address: Some(address::Address::SocketAddress(SocketAddress {
-                        address: source.into(),
-                        port_specifier: Some(PortSpecifier::PortValue(40000)),
-                        ..Default::default()
-                    })),
-                }),
-                ..Default::default()
-            }),
-            request: Some(AttributeRequest {
-                http: Some(HttpRequest {
-                    headers: [("authorization".to_owned(), authorization.to_owned())].into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    };
+    let request = check_request(authorization, Some(source));
     let response = AuthorizationClient::new(channel(app.main_addr).await)
         .check(request)
         .await
@@ -610,9 +590,7 @@ async fn a_client_address_from_an_untrusted_caller_is_not_believed() {
     // Nobody is trusted: the test's loopback connection is a direct caller.
     let app = limited_app(&backend, "").await;
     let (key, _) = app.create_key("target").await;
-    let (invalid, limited) = spray(&app, key.id, 30, |n| format!("203.0.113.{n}")).await;
-    assert!(invalid <= BURST as usize + 1, "{invalid} failures answered");
-    assert!(limited >= 20, "{limited} rate limited");
+    assert_one_budget(spray(&app, key.id, 30, |n| format!("203.0.113.{n}")).await);
     let statuses: Vec<u32> = direct_check_statuses(&app, key.id).await;
     assert!(statuses.iter().all(|status| *status == 429), "{statuses:?}");
 
@@ -640,9 +618,7 @@ async fn an_ipv6_slash_64_is_one_client() {
     let backend = TestBackend::sqlite();
     let app = limited_app(&backend, "127.0.0.0/8,::1").await;
     let (key, _) = app.create_key("target").await;
-    let (invalid, limited) = spray(&app, key.id, 30, |n| format!("2001:db8:7:1::{n:x}")).await;
-    assert!(invalid <= BURST as usize + 1, "{invalid} failures answered");
-    assert!(limited >= 20, "{limited} rate limited");
+    assert_one_budget(spray(&app, key.id, 30, |n| format!("2001:db8:7:1::{n:x}")).await);
     // The next /64 is another client.
     let (invalid, _) = spray(&app, key.id, 1, |_| "2001:db8:7:2::1".into()).await;
     assert_eq!(invalid, 1);

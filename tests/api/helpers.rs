@@ -507,3 +507,41 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// A Check as Envoy sends it, as far as keygate reads it: the `Authorization` header (if any)
+/// and, for a direct caller, the source address it claims.
+pub fn check_request(
+    authorization: &str,
+    source: Option<&str>,
+) -> envoy_types::pb::envoy::service::auth::v3::CheckRequest {
+    use envoy_types::pb::envoy::{
+        config::core::v3::{Address, SocketAddress, address, socket_address::PortSpecifier},
+        service::auth::v3::{
+            AttributeContext, CheckRequest,
+            attribute_context::{HttpRequest, Peer, Request as AttributeRequest},
+        },
+    };
+    let source = source.map(|source| Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: source.into(),
+                port_specifier: Some(PortSpecifier::PortValue(40000)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    });
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source,
+            request: Some(AttributeRequest {
+                http: Some(HttpRequest {
+                    headers: [("authorization".to_owned(), authorization.to_owned())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}

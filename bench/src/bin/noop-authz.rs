@@ -109,16 +109,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }))
         .add_service(health_service)
         // SIGTERM as well as Ctrl-C: bench/run.sh stops its servers with SIGTERM.
-        .serve_with_incoming_shutdown(incoming, stopped())
+        .serve_with_incoming_shutdown(incoming, keygate::app::shutdown_signal())
         .await?;
     Ok(())
-}
-
-async fn stopped() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
 }
