@@ -18,7 +18,7 @@ use usage_flush::flush_usage;
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic::{
     service::Routes,
     transport::{Server, ServerTlsConfig},
@@ -192,18 +192,19 @@ impl Application {
 
         let services = Arc::new(services);
         let (stopping_tx, stopping) = watch::channel(false);
-        let mut background = JoinSet::new();
-        background.spawn(readiness(
-            services.clone(),
-            settings.clone(),
-            health.clone(),
-            stopping.clone(),
-        ));
-        background.spawn(apply_store_changes(
-            services.clone(),
-            settings.revalidate_interval(),
-        ));
-        background.spawn(flush_usage(services.clone(), stopping.clone()));
+        let background = BackgroundTasks {
+            readiness: tokio::spawn(readiness(
+                services.clone(),
+                settings.clone(),
+                health.clone(),
+                stopping.clone(),
+            )),
+            store_changes: tokio::spawn(apply_store_changes(
+                services.clone(),
+                settings.revalidate_interval(),
+            )),
+            usage_flush: tokio::spawn(flush_usage(services.clone(), stopping.clone())),
+        };
 
         let bounds = ConnectionBounds {
             max_connections: settings.max_connections as usize,
@@ -315,7 +316,7 @@ impl Application {
         .await;
         // Last writes of last_used_at.
         services.usage.flush(&services.store).await;
-        background.abort_all();
+        background.abort();
         match drained {
             Ok((Ok(Ok(())), Ok(Ok(())))) => {
                 tracing::info!("stopped");
@@ -330,6 +331,23 @@ impl Application {
                 Ok(())
             }
         }
+    }
+}
+
+/// The tasks that run beside the listeners for the life of the process, each in its own
+/// module. They stop on `stopping` where they have work to finish, and are aborted once the
+/// listeners have drained.
+struct BackgroundTasks {
+    readiness: JoinHandle<()>,
+    store_changes: JoinHandle<()>,
+    usage_flush: JoinHandle<()>,
+}
+
+impl BackgroundTasks {
+    fn abort(&self) {
+        self.readiness.abort();
+        self.store_changes.abort();
+        self.usage_flush.abort();
     }
 }
 
