@@ -59,8 +59,10 @@ async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> cli::CliResult {
+    // Before anything else, so that no SIGTERM finds the default handler (which kills).
+    let stop = shutdown_signal();
     // Checked before anything is opened: a failed start-up creates no files.
     let app = Application::build(args.into_settings()?).await?;
-    app.run_until_stopped(shutdown_signal()).await?;
+    app.run_until_stopped(stop).await?;
     Ok(())
 }
