@@ -217,6 +217,14 @@ impl RawConnection {
 
 // --- keygate as a process, to measure its memory --------------------------------------------
 
+/// `keygate serve` on `url` in `dir` on free loopback ports, once it reports SERVING.
+async fn serving_keygate(dir: &std::path::Path, name: &str, url: &str) -> KeygateProcess {
+    let mut keygate =
+        KeygateProcess::serve(dir, name, url, [free_addr(), free_addr(), free_addr()], &[]);
+    keygate.wait_serving().await;
+    keygate
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
     let kib: u64 = status
@@ -238,14 +246,7 @@ const STREAMS_PER_CONNECTION: u32 = 5_000;
 async fn a_stream_flood_is_refused_and_memory_stays_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("keygate.db").display());
-    let mut keygate = KeygateProcess::serve(
-        dir.path(),
-        "keygate",
-        &url,
-        [free_addr(), free_addr(), free_addr()],
-        &[],
-    );
-    keygate.wait_serving().await;
+    let mut keygate = serving_keygate(dir.path(), "keygate", &url).await;
     let pid = keygate.process.id();
     let mut admin = admin_client(keygate.admin, Some((ADMIN_USER, ADMIN_PASSWORD))).await;
     let secret = admin
@@ -719,14 +720,7 @@ async fn sqlite_files_are_owner_only() {
     let data = dir.path().join("new").join("data");
     let db = data.join("keygate.db");
     let url = format!("sqlite://{}", db.display());
-    let mut keygate = KeygateProcess::serve(
-        dir.path(),
-        "keygate",
-        &url,
-        [free_addr(), free_addr(), free_addr()],
-        &[],
-    );
-    keygate.wait_serving().await;
+    let mut keygate = serving_keygate(dir.path(), "keygate", &url).await;
     assert_eq!(mode(&data), 0o700);
     assert_eq!(mode(&dir.path().join("new")), 0o700);
     for file in ["keygate.db", "keygate.db-wal", "keygate.db-shm"] {
@@ -737,14 +731,7 @@ async fn sqlite_files_are_owner_only() {
 
     // Made readable by everyone: keygate still opens it, and says so.
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let mut keygate = KeygateProcess::serve(
-        dir.path(),
-        "again",
-        &url,
-        [free_addr(), free_addr(), free_addr()],
-        &[],
-    );
-    keygate.wait_serving().await;
+    let mut keygate = serving_keygate(dir.path(), "again", &url).await;
     let log = keygate.stop().await;
     assert!(
         log.contains("other users have access to the database file"),
