@@ -2,8 +2,9 @@
 //!
 //! Layers, from the inside out, each depending only on those before it (docs/ARCHITECTURE.md):
 //! `domain` (pure logic: the key format, credentials, digests, the decision's rules), `store`
-//! (persistence), `metrics`, the use cases (`auth`: deciding a request; `admin`: managing keys
-//! and operators), the adapters (`grpc`, `cli`), and `app`, which wires a process together from its `settings`.
+//! (persistence), `metrics`, the use cases (`auth`: deciding a request; `admin`: managing keys and
+//! operators), the adapters (`grpc`, `cli`), and `app`, which wires a process together from its
+//! `settings`.
 
 pub mod admin;
 pub mod app;

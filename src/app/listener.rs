@@ -389,7 +389,23 @@ impl<F: Future> Future for Tracked<F> {
 }
 
 /// Raises the soft limit on open files to the hard limit, so the connection bounds (not the
-/// default soft limit of 1024) are what stops new peers; returns the limit now in force.
-pub fn raise_open_files_limit() -> io::Result<u64> {
-    rlimit::increase_nofile_limit(u64::MAX)
+/// default soft limit of 1024) are what stops new peers, and logs the limit now in force; warns
+/// when it is below what three listeners of `max_connections` each (and the store) may need.
+pub fn raise_open_files_limit(max_connections: u32) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            tracing::info!(limit, "open files limit");
+            let wanted = 3 * u64::from(max_connections) + 256;
+            if limit < wanted {
+                tracing::warn!(
+                    limit,
+                    max_connections,
+                    "the open files limit is below what KEYGATE_MAX_CONNECTIONS allows: \
+                     new connections will wait for a free descriptor; raise the hard limit \
+                     (LimitNOFILE=, ulimit -Hn) or lower KEYGATE_MAX_CONNECTIONS"
+                );
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
+    }
 }

@@ -211,23 +211,7 @@ impl Application {
             handshake_timeout: Duration::from_millis(settings.handshake_timeout_ms),
             idle_timeout: Duration::from_secs(settings.idle_timeout_secs),
         };
-        match crate::app::listener::raise_open_files_limit() {
-            Ok(limit) => {
-                tracing::info!(limit, "open files limit");
-                // Three listeners, each up to its bound, and the store's connections.
-                let wanted = 3 * u64::from(settings.max_connections) + 256;
-                if limit < wanted {
-                    tracing::warn!(
-                        limit,
-                        max_connections = settings.max_connections,
-                        "the open files limit is below what KEYGATE_MAX_CONNECTIONS allows: \
-                         new connections will wait for a free descriptor; raise the hard limit \
-                         (LimitNOFILE=, ulimit -Hn) or lower KEYGATE_MAX_CONNECTIONS"
-                    );
-                }
-            }
-            Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
-        }
+        listener::raise_open_files_limit(settings.max_connections);
         tracing::info!(
             store = %services.store.describe(),
             main = %main_listener.local_addr().expect("bound"),

@@ -3,9 +3,10 @@
 //!
 //! The threads can run at a lower scheduling priority (`KEYGATE_ARGON2_NICE`, Linux) than the
 //! runtime's: when a flood keeps them busy, a runtime thread that wakes up for a cached good key
-//! then gets a CPU at once instead of waiting out an argon2 thread's time slice. The default is 0, not lower: on a CPU-saturated replica a niced argon2 thread
-//! starves, and a first use of a good key then outlasts the gateway's ext_authz timeout (seen
-//! as 503s in tests/api/restarts.rs, where restarted replicas must verify keys under load).
+//! then gets a CPU at once instead of waiting out an argon2 thread's time slice. The default is 0,
+//! not lower: on a CPU-saturated replica a niced argon2 thread starves, and a first use of a good
+//! key then outlasts the gateway's ext_authz timeout (seen as 503s in tests/api/restarts.rs, where
+//! restarted replicas must verify keys under load).
 
 use std::{
     panic::AssertUnwindSafe,

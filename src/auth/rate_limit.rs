@@ -45,6 +45,14 @@ impl FailureLimiter {
         }
     }
 
+    /// A limiter that never limits, for processes in which nobody signs in (`keygate user`).
+    pub fn unlimited() -> Self {
+        Self::new(FailureBudget {
+            burst: 0,
+            per_minute: 0,
+        })
+    }
+
     fn refill_rate(&self) -> f64 {
         f64::from(self.budget.per_minute) / 60.0
     }

@@ -16,7 +16,7 @@ use args::{ClientTlsArgs, HealthcheckArgs, KeysArgs, KeysCommand, UserArgs, User
 
 use crate::{
     admin::operators::Operators,
-    auth::{argon_pool::ArgonPool, passwords::Passwords},
+    auth::{argon_pool::ArgonPool, passwords::Passwords, rate_limit::FailureLimiter},
     domain::hashing::SecretHasher,
     grpc::{
         convert::timestamp,
@@ -53,15 +53,8 @@ pub async fn run_user_command(command: UserCommand) -> CliResult {
     let metrics = Metrics::new();
     let argon = ArgonPool::new(SecretHasher::new(args.hashing.params())?, 1, 1, 0, metrics);
     let passwords = std::sync::Arc::new(Passwords::new(store.clone(), argon));
-    // Nobody signs in here: the budget is never spent.
-    let operators = Operators::new(
-        store,
-        passwords,
-        crate::auth::rate_limit::FailureLimiter::new(crate::auth::rate_limit::FailureBudget {
-            burst: 1,
-            per_minute: 0,
-        }),
-    );
+    // Nobody signs in here.
+    let operators = Operators::new(store, passwords, FailureLimiter::unlimited());
     let password = read_password(&format!("Password for {}: ", args.name))?;
     if adding {
         operators.add_user(&args.name, &password).await?;

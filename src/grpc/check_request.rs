@@ -4,9 +4,9 @@
 //! Envoy sends every Check with all the request's headers, both peers, the path, host, method,
 //! protocol and more. Decoded as envoy-types' `CheckRequest`, that is a string allocation per
 //! header name and value, a hash map, and a dozen more strings, built and dropped for every
-//! request, most of the server's work for an allow. This view has the same field numbers for the fields keygate reads and no others: prost skips the
-//! rest by their length, so they are never built. The header entries are `Bytes` taken from
-//! the request buffer without copying.
+//! request, most of the server's work for an allow. This view has the same field numbers for the
+//! fields keygate reads and no others: prost skips the rest by their length, so they are never
+//! built. The header entries are `Bytes` taken from the request buffer without copying.
 //!
 //! Skipped fields are checked for framing only (a truncated or overlong field still fails the
 //! decode), not for content: a header keygate does not read is not checked for UTF-8. The

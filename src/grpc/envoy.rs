@@ -5,7 +5,6 @@
 //! client. A decision that cannot be made is an RPC error (`UNAVAILABLE`), so Envoy's own
 //! `failure_mode_allow` / `status_on_error` decide.
 
-use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use std::{collections::HashMap, sync::Arc};
 
 use envoy_types::{
@@ -18,6 +17,7 @@ use envoy_types::{
         google::protobuf::{Struct, Value, value::Kind},
     },
 };
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use prost::{Message, bytes::Bytes};
 use tonic::{Request, Response, Status};
 

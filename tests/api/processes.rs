@@ -1,7 +1,8 @@
 //! Real child processes for the tests that drive real binaries: the `keygate` CLI and server,
-//! grpcurl, Envoy and Prometheus on the repo's example configs. Every one is bounded in time
-//! and killed (and reaped) when its guard drops, so a failing test leaves nothing running; and no wait blocks the async runtime the in-process
-//! server under test runs on (`#[sqlx::test]` uses a current-thread runtime).
+//! grpcurl, Envoy and Prometheus on the repo's example configs. Every one is bounded in time and
+//! killed (and reaped) when its guard drops, so a failing test leaves nothing running; and no wait
+//! blocks the async runtime the in-process server under test runs on (`#[sqlx::test]` uses a
+//! current-thread runtime).
 //!
 //! The configs are the example files themselves, rewritten textually (whole words, each
 //! exactly once), so the examples stay tested.
